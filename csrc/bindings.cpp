@@ -1,0 +1,283 @@
+// pybind11 module `qwen_native._core`: the Model class. Every argument is checked here before native code touches
+// memory; C++ exceptions become Python ones (invalid_argument → ValueError, out_of_range → IndexError, bad_alloc →
+// MemoryError, the rest → RuntimeError). The GIL is released while the model computes; between layers the
+// computation briefly takes it back to look for Ctrl-C.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <mutex>
+#include <thread>
+
+#include <sched.h>
+
+#include "qwen2.h"
+
+namespace py = pybind11;
+using namespace qwen;
+
+namespace {
+
+int default_threads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+int64_t get_int(const py::dict& d, const char* key, bool required = true, int64_t fallback = 0) {
+  if (!d.contains(key)) {
+    if (required) throw py::value_error(std::string("config is missing \"") + key + "\"");
+    return fallback;
+  }
+  py::object v = d[key];
+  if (!py::isinstance<py::int_>(v) || py::isinstance<py::bool_>(v))
+    throw py::type_error(std::string("config \"") + key + "\" must be an integer, got " +
+                         std::string(py::str(py::type::handle_of(v).attr("__name__"))));
+  try {
+    return v.cast<int64_t>();
+  } catch (const py::cast_error&) {
+    throw py::value_error(std::string("config \"") + key + "\" is out of range");
+  }
+}
+
+double get_float(const py::dict& d, const char* key, double fallback) {
+  if (!d.contains(key)) return fallback;
+  py::object v = d[key];
+  if (py::isinstance<py::bool_>(v) || !(py::isinstance<py::int_>(v) || py::isinstance<py::float_>(v)))
+    throw py::type_error(std::string("config \"") + key + "\" must be a number");
+  return v.cast<double>();
+}
+
+Qwen2Config config_from_dict(const py::dict& d) {
+  Qwen2Config c;
+  c.vocab_size = get_int(d, "vocab_size");
+  c.hidden_size = get_int(d, "hidden_size");
+  c.intermediate_size = get_int(d, "intermediate_size");
+  c.num_hidden_layers = get_int(d, "num_hidden_layers");
+  c.num_attention_heads = get_int(d, "num_attention_heads");
+  c.num_key_value_heads = get_int(d, "num_key_value_heads", false, c.num_attention_heads);
+  if (c.num_attention_heads <= 0) throw py::value_error("config \"num_attention_heads\" must be positive");
+  c.head_dim = d.contains("head_dim") && !d["head_dim"].is_none() ? get_int(d, "head_dim")
+                                                                   : c.hidden_size / c.num_attention_heads;
+  c.max_position_embeddings = get_int(d, "max_position_embeddings");
+  c.rope_theta = get_float(d, "rope_theta", 10000.0);
+  c.rms_norm_eps = get_float(d, "rms_norm_eps", 1e-6);
+  if (d.contains("tie_word_embeddings")) c.tie_word_embeddings = py::bool_(d["tie_word_embeddings"]);
+  c.validate();
+  return c;
+}
+
+// Token ids as int32, range-checked while still wide (an id of 2**32 + 5 must not wrap to 5).
+std::vector<int32_t> token_ids(const py::handle& obj, int64_t vocab) {
+  py::array arr = py::module_::import("numpy").attr("asarray")(obj);
+  const char kind = arr.dtype().kind();
+  if (kind != 'i' && kind != 'u')
+    throw py::type_error("token ids must be integers, got an array of dtype " + std::string(py::str(arr.dtype())));
+  if (arr.ndim() != 1) throw py::value_error("token ids must be a 1-D sequence");
+  if (arr.size() == 0) throw py::value_error("token ids must not be empty");
+  auto wide = arr.attr("astype")("int64").cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
+  if (kind == 'u') {  // uint64 above 2**63 wraps negative in the cast: compare in the original type
+    py::object mx = arr.attr("max")();
+    if (mx.cast<uint64_t>() >= uint64_t(vocab))
+      throw py::index_error("token id " + std::string(py::str(mx)) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+  }
+  std::vector<int32_t> ids(size_t(wide.size()));
+  const int64_t* p = wide.data();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (p[i] < 0 || p[i] >= vocab)
+      throw py::index_error("token id " + std::to_string(p[i]) + " at index " + std::to_string(i) +
+                            " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+    ids[i] = int32_t(p[i]);
+  }
+  return ids;
+}
+
+int32_t one_token(const py::handle& obj, int64_t vocab) {
+  if (!py::isinstance<py::int_>(obj) && !py::hasattr(obj, "__index__"))
+    throw py::type_error("token_id must be an int");
+  py::int_ v = py::reinterpret_steal<py::int_>(PyNumber_Index(obj.ptr()));
+  if (!v) throw py::error_already_set();
+  long long id = PyLong_AsLongLong(v.ptr());
+  if (id == -1 && PyErr_Occurred()) { PyErr_Clear(); id = -1; }
+  if (id < 0 || id >= vocab)
+    throw py::index_error("token id " + std::string(py::str(obj)) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+  return int32_t(id);
+}
+
+class PyModel {
+ public:
+  PyModel(const py::dict& config, const std::vector<std::tuple<std::string, std::string, std::string, std::vector<int64_t>,
+                                                             int64_t, int64_t>>& tensors,
+          const std::string& dtype, const std::string& device, int64_t max_context, int num_threads) {
+    Qwen2Config cfg = config_from_dict(config);
+    if (dtype != "float32" && dtype != "bfloat16")
+      throw py::value_error("dtype must be \"float32\" or \"bfloat16\", got \"" + dtype + "\"");
+    if (num_threads < 0) throw py::value_error("num_threads must be >= 0 (0 = the cores this process may use)");
+    if (max_context < 0) throw py::value_error("max_context must be >= 0 (0 = min(max_position_embeddings, 4096))");
+    threads_ = num_threads ? num_threads : default_threads();
+    const int64_t ctx = max_context ? max_context : std::min<int64_t>(cfg.max_position_embeddings, 4096);
+    std::vector<TensorSource> sources;
+    sources.reserve(tensors.size());
+    for (const auto& [name, path, dt, shape, offset, nbytes] : tensors)
+      sources.push_back(TensorSource{name, path, dt, shape, offset, nbytes});
+    device_ = device;
+    py::gil_scoped_release nogil;
+    std::unique_ptr<Backend> backend;
+    if (device == "cpu") {
+      backend = make_cpu_backend(dtype == "bfloat16" ? DType::BF16 : DType::F32, threads_);
+    } else if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
+      int index = 0;
+      if (device.size() > 5) {
+        try { index = std::stoi(device.substr(5)); } catch (...) { throw std::invalid_argument("bad device \"" + device + "\""); }
+      }
+      if (dtype != "bfloat16") throw std::invalid_argument("device \"cuda\" runs in bfloat16; pass dtype=\"bfloat16\" (or leave dtype unset)");
+      backend = make_cuda_backend(index);
+    } else {
+      throw std::invalid_argument("device must be \"cpu\" or \"cuda\", got \"" + device + "\"");
+    }
+    dtype_ = dtype;
+    model_ = std::make_unique<Qwen2Model>(cfg, sources, std::move(backend), ctx);
+    model_->interrupt_check = [] {
+      py::gil_scoped_acquire gil;
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    };
+  }
+
+  py::array_t<float> prefill(const py::handle& ids_obj, bool all_logits) {
+    Guard g(this);
+    std::vector<int32_t> ids = token_ids(ids_obj, model_->config().vocab_size);
+    const int64_t T = int64_t(ids.size()), V = model_->config().vocab_size;
+    check_room(T);
+    py::array_t<float> out = all_logits ? py::array_t<float>({T, V}) : py::array_t<float>({V});
+    float* dst = out.mutable_data();
+    {
+      py::gil_scoped_release nogil;
+      model_->forward(ids.data(), T, all_logits, dst);
+    }
+    return out;
+  }
+
+  py::array_t<float> decode(const py::handle& id_obj) {
+    Guard g(this);
+    int32_t id = one_token(id_obj, model_->config().vocab_size);
+    check_room(1);
+    py::array_t<float> out({model_->config().vocab_size});
+    float* dst = out.mutable_data();
+    {
+      py::gil_scoped_release nogil;
+      model_->forward(&id, 1, false, dst);
+    }
+    return out;
+  }
+
+  int32_t decode_argmax(const py::handle& id_obj) {
+    Guard g(this);
+    int32_t id = one_token(id_obj, model_->config().vocab_size);
+    check_room(1);
+    py::gil_scoped_release nogil;
+    return model_->forward_argmax(id);
+  }
+
+  void truncate(int64_t n) {
+    Guard g(this);
+    model_->truncate(n);
+  }
+  void reset() {
+    Guard g(this);
+    model_->reset();
+  }
+  void close() {
+    Guard g(this);
+    model_.reset();
+  }
+
+  int64_t length() { Guard g(this); return model_->length(); }
+  int64_t max_context() { Guard g(this); return model_->max_positions(); }
+  int64_t vocab_size() { Guard g(this); return model_->config().vocab_size; }
+  std::string backend_name() { Guard g(this); return model_->backend().name(); }
+  const std::string& dtype() const { return dtype_; }
+  const std::string& device() const { return device_; }
+  int num_threads() const { return threads_; }
+  bool closed() const { return !model_; }
+
+ private:
+  // One model object is one KV cache: it serves one thread at a time. A second thread gets a clear error rather
+  // than interleaving its tokens into another conversation's cache.
+  struct Guard {
+    explicit Guard(PyModel* m) : lock(m->mu_, std::try_to_lock) {
+      if (!lock.owns_lock())
+        throw std::runtime_error("this qwen_native model is in use by another thread; use one model per thread "
+                                 "or serialize calls (qwen_native.Model.generate does)");
+      if (!m->model_) throw std::runtime_error("this model has been closed");
+    }
+    std::unique_lock<std::mutex> lock;
+  };
+
+  void check_room(int64_t T) {
+    if (T > model_->max_positions() - model_->length())
+      throw py::index_error(std::to_string(T) + " more tokens do not fit: the KV cache holds " +
+                            std::to_string(model_->length()) + " of max_context = " +
+                            std::to_string(model_->max_positions()) + " positions (reset() or truncate() first, "
+                            "or load with a larger max_context)");
+  }
+
+  std::mutex mu_;
+  std::unique_ptr<Qwen2Model> model_;
+  std::string dtype_, device_;
+  int threads_ = 1;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "Native Qwen2 forward pass (internal; use qwen_native.load / qwen_native.generate)";
+  py::class_<PyModel>(m, "Model", R"doc(
+A loaded Qwen2 model with its KV cache.
+
+Model(config, tensors, dtype="float32", device="cpu", max_context=0, num_threads=0)
+
+config: config.json as a dict. tensors: (name, path, dtype, shape, offset, nbytes) per checkpoint tensor.
+max_context: KV cache positions (0: min(max_position_embeddings, 4096)). num_threads: 0 = the cores this process
+may use. Not thread-safe: one thread at a time per object (a concurrent call raises RuntimeError).
+)doc")
+      .def(py::init<const py::dict&,
+                    const std::vector<std::tuple<std::string, std::string, std::string, std::vector<int64_t>, int64_t, int64_t>>&,
+                    const std::string&, const std::string&, int64_t, int>(),
+           py::arg("config"), py::arg("tensors"), py::arg("dtype") = "float32", py::arg("device") = "cpu",
+           py::arg("max_context") = 0, py::arg("num_threads") = 0)
+      .def("prefill", &PyModel::prefill, py::arg("token_ids"), py::arg("all_logits") = false,
+           "Run token ids through the model after the cached ones; return the last position's logits (vocab,) or "
+           "with all_logits every position's (T, vocab).")
+      .def("decode", &PyModel::decode, py::arg("token_id"), "Run one token; return the next-token logits (vocab,).")
+      .def("decode_argmax", &PyModel::decode_argmax, py::arg("token_id"),
+           "Run one token; return the argmax of the next-token logits (computed on the device).")
+      .def("truncate", &PyModel::truncate, py::arg("length"), "Keep the first `length` cached positions.")
+      .def("reset", &PyModel::reset, "Empty the KV cache.")
+      .def("close", &PyModel::close, "Free the weights and cache now; the object is unusable afterwards.")
+      .def_property_readonly("length", &PyModel::length)
+      .def_property_readonly("max_context", &PyModel::max_context)
+      .def_property_readonly("vocab_size", &PyModel::vocab_size)
+      .def_property_readonly("backend", &PyModel::backend_name)
+      .def_property_readonly("dtype", &PyModel::dtype)
+      .def_property_readonly("device", &PyModel::device)
+      .def_property_readonly("num_threads", &PyModel::num_threads)
+      .def_property_readonly("closed", &PyModel::closed);
+
+  m.def("cuda_available", &cuda_available, "True when this build has the CUDA backend and a GPU is visible.");
+  m.def("build_info", [] {
+    py::dict d;
+#if defined(QWEN_BLAS_SCIPY)
+    d["blas"] = "scipy-openblas32";
+#elif defined(QWEN_BLAS_OPENBLAS)
+    d["blas"] = "openblas";
+#else
+    d["blas"] = "builtin";
+#endif
+#if defined(QWEN_CUDA)
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+    return d;
+  });
+}
