@@ -11,6 +11,7 @@
 
 #include <sched.h>
 
+#include "cpu/probes.h"
 #include "qwen2.h"
 
 namespace py = pybind11;
@@ -263,6 +264,21 @@ may use. Not thread-safe: one thread at a time per object (a concurrent call rai
       .def_property_readonly("num_threads", &PyModel::num_threads)
       .def_property_readonly("closed", &PyModel::closed);
 
+  m.def("read_bandwidth", [](int64_t nbytes, int num_threads, int repeats) {
+          if (nbytes < (1 << 20)) throw py::value_error("nbytes must be at least 1 MiB");
+          if (num_threads < 0 || repeats < 1) throw py::value_error("num_threads must be >= 0 and repeats >= 1");
+          py::gil_scoped_release nogil;
+          return measure_read_bandwidth(nbytes, num_threads ? num_threads : default_threads(), repeats);
+        }, py::arg("nbytes") = int64_t(1) << 30, py::arg("num_threads") = 0, py::arg("repeats") = 5,
+        "GB/s of a multi-threaded streaming read (the decode roofline), best of `repeats`.");
+  m.def("sgemm_gflops", [](int64_t m_, int64_t n, int64_t k, int num_threads, int repeats) {
+          if (m_ < 1 || n < 1 || k < 1 || m_ * k > (int64_t(1) << 28) || n * k > (int64_t(1) << 28))
+            throw py::value_error("m, n, k must be positive and m*k, n*k at most 2**28");
+          if (num_threads < 0 || repeats < 1) throw py::value_error("num_threads must be >= 0 and repeats >= 1");
+          py::gil_scoped_release nogil;
+          return measure_sgemm_gflops(m_, n, k, num_threads ? num_threads : default_threads(), repeats);
+        }, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads") = 0, py::arg("repeats") = 3,
+        "GFLOP/s of the CPU backend's float32 batched matmul (m x k) . (n x k)^T, best of `repeats`.");
   m.def("cuda_available", &cuda_available, "True when this build has the CUDA backend and a GPU is visible.");
   m.def("build_info", [] {
     py::dict d;
