@@ -68,21 +68,27 @@ Qwen2Config config_from_dict(const py::dict& d) {
   return c;
 }
 
+int32_t one_token(const py::handle& obj, int64_t vocab);
+
 // Token ids as int32, range-checked while still wide (an id of 2**32 + 5 must not wrap to 5).
 std::vector<int32_t> token_ids(const py::handle& obj, int64_t vocab) {
   py::array arr = py::module_::import("numpy").attr("asarray")(obj);
+  if (arr.ndim() != 1) throw py::value_error("token ids must be a 1-D sequence of ints");
+  if (arr.size() == 0) throw py::value_error("token ids must not be empty");
   const char kind = arr.dtype().kind();
+  std::vector<int32_t> ids(size_t(arr.size()));
+  if (kind == 'O') {  // Python ints too large for int64, or mixed objects: check one by one
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = one_token(arr.attr("__getitem__")(i), vocab);
+    return ids;
+  }
   if (kind != 'i' && kind != 'u')
     throw py::type_error("token ids must be integers, got an array of dtype " + std::string(py::str(arr.dtype())));
-  if (arr.ndim() != 1) throw py::value_error("token ids must be a 1-D sequence");
-  if (arr.size() == 0) throw py::value_error("token ids must not be empty");
-  auto wide = arr.attr("astype")("int64").cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
-  if (kind == 'u') {  // uint64 above 2**63 wraps negative in the cast: compare in the original type
+  if (kind == 'u') {  // uint64 above 2**63 would wrap negative in the cast: compare in the original type
     py::object mx = arr.attr("max")();
     if (mx.cast<uint64_t>() >= uint64_t(vocab))
       throw py::index_error("token id " + std::string(py::str(mx)) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
   }
-  std::vector<int32_t> ids(size_t(wide.size()));
+  auto wide = arr.attr("astype")("int64").cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
   const int64_t* p = wide.data();
   for (size_t i = 0; i < ids.size(); ++i) {
     if (p[i] < 0 || p[i] >= vocab)
@@ -94,8 +100,8 @@ std::vector<int32_t> token_ids(const py::handle& obj, int64_t vocab) {
 }
 
 int32_t one_token(const py::handle& obj, int64_t vocab) {
-  if (!py::isinstance<py::int_>(obj) && !py::hasattr(obj, "__index__"))
-    throw py::type_error("token_id must be an int");
+  if (py::isinstance<py::bool_>(obj) || (!py::isinstance<py::int_>(obj) && !py::hasattr(obj, "__index__")))
+    throw py::type_error("token ids must be ints, got " + std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
   py::int_ v = py::reinterpret_steal<py::int_>(PyNumber_Index(obj.ptr()));
   if (!v) throw py::error_already_set();
   long long id = PyLong_AsLongLong(v.ptr());

@@ -1,0 +1,303 @@
+"""The native forward pass against the numpy float64 reference, on tiny random checkpoints written to disk:
+every path (batched prefill, cached decode, chunked prefill, truncation), tied/untied lm_head, GQA ratios,
+checkpoint dtypes, in-memory dtypes, thread counts and kernel instruction sets."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fixtures import make_config, random_weights, stored_values, write_checkpoint
+from reference import reference_logits, rel_err
+from qwen_native import _core
+from qwen_native.checkpoint import tensor_table
+
+TOL = 1e-4
+IDS = [3, 17, 256, 42, 9, 120, 255, 1, 77, 5, 64, 299]  # prompt
+NEXT = [11, 200, 7, 150, 33, 90, 2, 180, 45, 260, 13, 99]  # fed one at a time after it
+
+
+def load(directory: str, **kw) -> _core.Model:
+    cfg = json.load(open(os.path.join(directory, "config.json")))
+    kw.setdefault("num_threads", 2)
+    return _core.Model(cfg, tensor_table(sorted(glob.glob(os.path.join(directory, "*.safetensors")))), **kw)
+
+
+def checkpoint(tmp_path, disk_dtype="F32", shards=1, seed=0, **overrides):
+    cfg = make_config(**overrides)
+    weights = random_weights(cfg, seed=seed)
+    d = write_checkpoint(str(tmp_path / f"ckpt-{disk_dtype}-{shards}-{seed}"), cfg, weights, disk_dtype, shards)
+    return d, cfg, stored_values(weights, disk_dtype)
+
+
+VARIANTS = {
+    "gqa2-tied-f32": dict(disk_dtype="F32"),
+    "gqa2-tied-bf16": dict(disk_dtype="BF16"),
+    "mqa-untied-bf16": dict(disk_dtype="BF16", num_key_value_heads=1, tie_word_embeddings=False),
+    "mha-untied-f32": dict(disk_dtype="F32", num_key_value_heads=4, tie_word_embeddings=False),
+    "hd8-gqa4-f16": dict(disk_dtype="F16", hidden_size=64, num_attention_heads=8, num_key_value_heads=2),
+    "hd64-one-head": dict(disk_dtype="F32", hidden_size=64, num_attention_heads=1, num_key_value_heads=1),
+    "explicit-head-dim-odd-widths": dict(disk_dtype="BF16", hidden_size=40, head_dim=24, num_attention_heads=3,
+                                         num_key_value_heads=1, intermediate_size=61, vocab_size=271),
+    "sharded": dict(disk_dtype="BF16", shards=2, num_hidden_layers=3),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_prefill_then_cached_decode_matches_reference(tmp_path, name):
+    d, cfg, w = checkpoint(tmp_path, **VARIANTS[name])
+    ids = [i % cfg["vocab_size"] for i in IDS]
+    nxt = [i % cfg["vocab_size"] for i in NEXT]
+    ref = reference_logits(w, cfg, ids + nxt)
+    m = load(d)
+    assert rel_err(m.prefill(ids, all_logits=True), ref[: len(ids)]) < TOL
+    for step, tok in enumerate(nxt):
+        assert rel_err(m.decode(tok), ref[len(ids) + step]) < TOL, f"decode step {step}"
+    assert m.length == len(ids) + len(nxt)
+
+
+def test_last_logits_default_and_decode_argmax(tmp_path):
+    d, cfg, w = checkpoint(tmp_path)
+    ref = reference_logits(w, cfg, IDS + NEXT[:3])
+    m = load(d)
+    last = m.prefill(IDS)
+    assert last.shape == (cfg["vocab_size"],) and rel_err(last, ref[len(IDS) - 1]) < TOL
+    for step, tok in enumerate(NEXT[:3]):
+        assert m.decode_argmax(tok) == int(np.argmax(ref[len(IDS) + step]))
+
+
+@pytest.mark.parametrize("dtype_on_disk", ["BF16", "F32"])
+def test_bfloat16_weights_in_memory(tmp_path, dtype_on_disk):
+    """bf16 in memory, f32 activations: exact widening of a bf16 checkpoint; an f32 checkpoint's matrices are
+    rounded to bf16 (nearest even; norm weights and biases stay float32), so it matches the reference run on
+    those values."""
+    d, cfg, stored = checkpoint(tmp_path, disk_dtype=dtype_on_disk)
+    rounded = stored_values(stored, "BF16")
+    w = {k: rounded[k] if v.ndim == 2 else v for k, v in stored.items()}
+    ref = reference_logits(w, cfg, IDS + NEXT)
+    m = load(d, dtype="bfloat16")
+    assert rel_err(m.prefill(IDS, all_logits=True), ref[: len(IDS)]) < TOL
+    for step, tok in enumerate(NEXT):
+        assert rel_err(m.decode(tok), ref[len(IDS) + step]) < TOL
+
+
+def test_cached_decode_equals_full_recompute(tmp_path):
+    d, _, _ = checkpoint(tmp_path, disk_dtype="BF16")
+    m = load(d)
+    m.prefill(IDS)
+    cached = [m.decode(t) for t in NEXT]
+    m.reset()
+    full = m.prefill(IDS + NEXT, all_logits=True)[len(IDS):]
+    np.testing.assert_allclose(np.stack(cached), full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+def test_truncate_then_continue_equals_fresh_run(tmp_path):
+    d, _, _ = checkpoint(tmp_path, disk_dtype="BF16")
+    m = load(d)
+    m.prefill(IDS + NEXT)  # a first "turn"
+    m.truncate(5)  # keep a shared prefix, continue differently
+    assert m.length == 5
+    reused = m.prefill([8, 9, 10], all_logits=True)
+    fresh = load(d).prefill(IDS[:5] + [8, 9, 10], all_logits=True)[5:]
+    np.testing.assert_allclose(reused, fresh, rtol=0, atol=1e-5 * np.abs(fresh).max())
+    with pytest.raises(IndexError):
+        m.truncate(m.length + 1)
+
+
+def test_prompt_longer_than_batch_is_chunked(tmp_path):
+    """Prompts over the 512-token batch buffers run as several batched passes with the same result."""
+    d, cfg, w = checkpoint(tmp_path, disk_dtype="BF16", num_hidden_layers=1, max_position_embeddings=1024)
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, cfg["vocab_size"], 600)]
+    ref = reference_logits(w, cfg, ids)
+    m = load(d, max_context=1024)
+    out = m.prefill(ids, all_logits=True)
+    assert out.shape == (600, cfg["vocab_size"])
+    assert rel_err(out, ref) < TOL
+    m.reset()
+    assert rel_err(m.prefill(ids), ref[-1]) < TOL
+
+
+@pytest.mark.parametrize("threads", [1, 3, 16])
+def test_thread_counts_agree(tmp_path, threads):
+    """More threads than rows in some matrices (16 threads, 8 kv rows) must still split work correctly."""
+    d, cfg, w = checkpoint(tmp_path, disk_dtype="BF16", num_key_value_heads=1, hidden_size=32)
+    ref = reference_logits(w, cfg, IDS + NEXT[:4])
+    for dtype in ("float32", "bfloat16"):
+        m = load(d, num_threads=threads, dtype=dtype)
+        assert m.num_threads == threads
+        assert rel_err(m.prefill(IDS, all_logits=True), ref[: len(IDS)]) < TOL
+        for step, tok in enumerate(NEXT[:4]):
+            assert rel_err(m.decode(tok), ref[len(IDS) + step]) < TOL
+
+
+ISA_SCRIPT = r"""
+import glob, json, sys, numpy as np
+sys.path.insert(0, sys.argv[2])
+from qwen_native import _core
+from qwen_native.checkpoint import tensor_table
+from reference import reference_logits, rel_err
+from fixtures import stored_values, random_weights
+d = sys.argv[1]
+cfg = json.load(open(d + "/config.json"))
+w = stored_values(random_weights(cfg, seed=0), "BF16")
+ids = list(range(1, 40, 3))
+ref = reference_logits(w, cfg, ids + [5, 6])
+worst = 0.0
+for dtype in ("float32", "bfloat16"):
+    m = _core.Model(cfg, tensor_table(glob.glob(d + "/*.safetensors")), dtype=dtype, num_threads=2)
+    worst = max(worst, rel_err(m.prefill(ids, all_logits=True), ref[:len(ids)]))
+    worst = max(worst, rel_err(m.decode(5), ref[len(ids)]), rel_err(m.decode(6), ref[len(ids) + 1]))
+print(m.backend, worst)
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_kernel_set_matches_reference(tmp_path, isa):
+    """Each instruction-set build of the kernels, forced through QWEN_NATIVE_ISA, on widths that are not multiples
+    of any vector length (hidden 40, head_dim 20, intermediate 61)."""
+    d, _, _ = checkpoint(tmp_path, disk_dtype="BF16", hidden_size=40, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=61)
+    env = dict(os.environ, QWEN_NATIVE_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", ISA_SCRIPT, d, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    backend, worst = " ".join(out[:-1]), float(out[-1])
+    if isa not in backend:
+        pytest.skip(f"this CPU cannot run the {isa} kernels (got {backend})")
+    assert worst < TOL
+
+
+def test_inputs_are_checked(tmp_path):
+    d, cfg, _ = checkpoint(tmp_path, max_position_embeddings=64)
+    m = load(d)
+    V = cfg["vocab_size"]
+    for bad in ([-1], [V], [2**40], [2**32 + 5], np.array([V], dtype=np.uint64)):
+        with pytest.raises(IndexError, match="outside the vocabulary"):
+            m.prefill(bad)
+    with pytest.raises(TypeError):
+        m.prefill([1.5, 2.0])
+    with pytest.raises(TypeError):
+        m.prefill(["a"])
+    with pytest.raises(ValueError, match="empty"):
+        m.prefill([])
+    with pytest.raises(ValueError, match="1-D"):
+        m.prefill([[1, 2], [3, 4]])
+    for bad in (-1, V, 2**70):
+        with pytest.raises(IndexError):
+            m.decode(bad)
+    with pytest.raises(TypeError):
+        m.decode(1.0)
+    assert m.length == 0  # nothing above touched the cache
+    with pytest.raises(IndexError, match="do not fit"):
+        m.prefill([1] * 65)
+    m.prefill([1] * 64)
+    with pytest.raises(IndexError):
+        m.decode(1)
+    with pytest.raises(IndexError):
+        m.decode_argmax(1)
+    assert m.length == 64
+
+
+def test_max_context(tmp_path):
+    d, _, _ = checkpoint(tmp_path, max_position_embeddings=64)
+    assert load(d).max_context == 64  # min(max_position_embeddings, 4096)
+    assert load(d, max_context=10).max_context == 10
+    with pytest.raises(ValueError, match="max_context"):
+        load(d, max_context=65)
+    with pytest.raises(ValueError):
+        load(d, max_context=-1)
+
+
+def test_constructor_arguments_are_checked(tmp_path):
+    d, cfg, _ = checkpoint(tmp_path)
+    table = tensor_table(glob.glob(os.path.join(d, "*.safetensors")))
+    with pytest.raises(ValueError, match="dtype"):
+        _core.Model(cfg, table, dtype="float16")
+    with pytest.raises(ValueError, match="device"):
+        _core.Model(cfg, table, device="tpu")
+    with pytest.raises(ValueError, match="num_threads"):
+        _core.Model(cfg, table, num_threads=-2)
+    if not _core.build_info()["cuda"]:
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            _core.Model(cfg, table, dtype="bfloat16", device="cuda")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_hidden_layers", 1_000_000_000, "num_hidden_layers"),
+    ("hidden_size", 0, "hidden_size"),
+    ("vocab_size", -5, "vocab_size"),
+    ("num_key_value_heads", 3, "not a multiple"),
+    ("head_dim", 7, "even"),
+    ("rms_norm_eps", -1.0, "rms_norm_eps"),
+    ("rope_theta", 0, "rope_theta"),
+])
+def test_config_validated_before_allocation(tmp_path, field, value, match):
+    d, cfg, _ = checkpoint(tmp_path)
+    table = tensor_table(glob.glob(os.path.join(d, "*.safetensors")))
+    with pytest.raises(ValueError, match=match):
+        _core.Model(dict(cfg, **{field: value}), table)
+
+
+def test_config_types_checked(tmp_path):
+    d, cfg, _ = checkpoint(tmp_path)
+    table = tensor_table(glob.glob(os.path.join(d, "*.safetensors")))
+    with pytest.raises(TypeError, match="hidden_size"):
+        _core.Model(dict(cfg, hidden_size="64"), table)
+    with pytest.raises(ValueError, match="missing"):
+        _core.Model({k: v for k, v in cfg.items() if k != "vocab_size"}, table)
+
+
+def test_tensor_mismatches_name_the_tensor(tmp_path):
+    d, cfg, _ = checkpoint(tmp_path, tie_word_embeddings=False)
+    table = tensor_table(glob.glob(os.path.join(d, "*.safetensors")))
+
+    def without(name):
+        return [t for t in table if t[0] != name]
+
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight is missing"):
+        _core.Model(cfg, without("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match="lm_head.weight is missing"):
+        _core.Model(cfg, without("lm_head.weight"))
+    extra = table + [("model.layers.9.mlp.up_proj.weight",) + table[0][1:]]
+    with pytest.raises(ValueError, match="unexpected tensor model.layers.9"):
+        _core.Model(cfg, extra)
+    reshaped = [(n, p, dt, [s[1], s[0]] if n.endswith("o_proj.weight") and s[0] != s[1] else s, o, b)
+                for n, p, dt, s, o, b in table]
+    bad_shape = [(n, p, dt, list(reversed(s)) if n == "model.layers.0.mlp.down_proj.weight" else s, o, b)
+                 for n, p, dt, s, o, b in reshaped]
+    with pytest.raises(ValueError, match=r"down_proj.weight has shape \[97, 64\]"):
+        _core.Model(cfg, bad_shape)
+    bad_dtype = [(n, p, "I32" if n == "model.norm.weight" else dt, s, o, b) for n, p, dt, s, o, b in table]
+    with pytest.raises(ValueError, match="model.norm.weight has dtype I32"):
+        _core.Model(cfg, bad_dtype)
+    dup = table + [table[3]]
+    with pytest.raises(ValueError, match="twice"):
+        _core.Model(cfg, dup)
+
+
+def test_truncated_file_is_an_error_not_a_crash(tmp_path):
+    d, cfg, _ = checkpoint(tmp_path)
+    path = os.path.join(d, "model.safetensors")
+    table = tensor_table([path])
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    with pytest.raises(RuntimeError, match="truncated"):
+        _core.Model(cfg, table)  # the table predates the truncation: the core checks the file itself
+    os.remove(path)
+    with pytest.raises(RuntimeError, match="cannot open"):
+        _core.Model(cfg, table)
+
+
+def test_close_frees_and_later_calls_raise(tmp_path):
+    d, _, _ = checkpoint(tmp_path)
+    m = load(d)
+    m.prefill([1, 2])
+    m.close()
+    assert m.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        m.decode(1)
