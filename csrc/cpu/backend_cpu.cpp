@@ -106,6 +106,7 @@ class CpuBackend final : public Backend {
     if (p == MAP_FAILED) throw std::bad_alloc();
     if (mapped >= (size_t(2) << 20)) madvise(p, mapped, MADV_HUGEPAGE);
     allocations_.emplace_back(p, mapped);
+    if (dtype == DType::BF16 && size_t(cols) > xs_.size()) xs_.resize(size_t(cols));  // at load, not per step
     return Tensor{p, dtype, rows, cols, cols};
   }
 
@@ -158,11 +159,12 @@ class CpuBackend final : public Backend {
     const int64_t T = x.rows, n = w.rows, k = w.cols;
     const float* b = bias ? bias->ptr<float>() : nullptr;
     if (T == 1) {  // decode: bandwidth-bound GEMV, rows of w split across threads
+      if (w.dtype == DType::BF16) K_.prepare_x_bf16(x.ptr<float>(), k, xs_.data());
       pool_.parallel_for(n, kRowAlign, [&](int64_t r0, int64_t r1, int) {
         if (w.dtype == DType::F32)
           K_.gemv_f32(w.ptr<float>(), w.ld, x.ptr<float>(), k, out.ptr<float>(), b, accumulate, r0, r1);
         else
-          K_.gemv_bf16(w.ptr<uint16_t>(), w.ld, x.ptr<float>(), k, out.ptr<float>(), b, accumulate, r0, r1);
+          K_.gemv_bf16(w.ptr<uint16_t>(), w.ld, x.ptr<float>(), xs_.data(), k, out.ptr<float>(), b, accumulate, r0, r1);
       });
       return;
     }
@@ -273,6 +275,7 @@ class CpuBackend final : public Backend {
   std::vector<std::pair<void*, size_t>> allocations_;
   std::vector<std::vector<float>> scratch_;  // per thread: attention scores
   std::vector<std::vector<float>> tiles_;    // per thread: widened bf16 weight tiles
+  std::vector<float> xs_;                    // the decode input rearranged for the bf16 GEMV (widest bf16 matrix)
   const int32_t* ids_ = nullptr;
   int64_t T_ = 0, pos0_ = 0;
 };

@@ -12,8 +12,11 @@ struct CpuKernels {
   // y[r] = dot(W[r, :k], x) (+ bias[r]) (+ y[r] when accumulate), for rows r in [r0, r1). W row stride ldw.
   void (*gemv_f32)(const float* W, int64_t ldw, const float* x, int64_t k, float* y, const float* bias,
                    bool accumulate, int64_t r0, int64_t r1);
-  void (*gemv_bf16)(const uint16_t* W, int64_t ldw, const float* x, int64_t k, float* y, const float* bias,
-                    bool accumulate, int64_t r0, int64_t r1);
+  // The same for bf16 W. `xs` is x rearranged by prepare_x_bf16 (k floats): the vector paths widen bf16 pairs
+  // in place (even elements by a shift, odd ones by a mask), so they want x's even and odd elements apart.
+  void (*prepare_x_bf16)(const float* x, int64_t k, float* xs);
+  void (*gemv_bf16)(const uint16_t* W, int64_t ldw, const float* x, const float* xs, int64_t k, float* y,
+                    const float* bias, bool accumulate, int64_t r0, int64_t r1);
   // dst[i] = float(src[i])
   void (*bf16_to_f32)(const uint16_t* src, float* dst, int64_t n);
   // out = x / sqrt(mean(x^2) + eps) * w

@@ -42,21 +42,12 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 
 #if defined(__AVX512F__)
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-static inline __m512 load_bf16x16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-static inline __m512 load_bf16x16_mask(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
 #elif defined(__AVX2__)
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-static inline __m256 load_bf16x8(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 #endif
 
@@ -127,56 +118,74 @@ static void gemv_f32(const float* W, int64_t ldw, const float* x, int64_t k, flo
   for (; r < r1; ++r) finish_row(y, r, dot(W + r * ldw, x, k), bias, accumulate);
 }
 
-static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* x, int64_t k, float* y, const float* bias,
-                      bool accumulate, int64_t r0, int64_t r1) {
-  int64_t r = r0;
+// Width of the even/odd blocks prepare_x_bf16 makes: one vector register of bf16 pairs.
 #if defined(__AVX512F__)
-  const int64_t kv = k & ~int64_t(15);
-  const __mmask16 tail = __mmask16((1u << (k - kv)) - 1u);
+constexpr int64_t kPairBlock = 32;
+#elif defined(__AVX2__)
+constexpr int64_t kPairBlock = 16;
+#else
+constexpr int64_t kPairBlock = 1;
+#endif
+
+static void prepare_x_bf16(const float* x, int64_t k, float* xs) {
+  const int64_t kb = kPairBlock > 1 ? k / kPairBlock * kPairBlock : 0, h = kPairBlock / 2;
+  for (int64_t b = 0; b < kb; b += kPairBlock)
+    for (int64_t i = 0; i < h; ++i) {
+      xs[b + i] = x[b + 2 * i];
+      xs[b + h + i] = x[b + 2 * i + 1];
+    }
+  for (int64_t i = kb; i < k; ++i) xs[i] = x[i];
+}
+
+// A 32-bit lane holding bf16 pair (w[2i], w[2i+1]) is w[2i+1] as f32 once its low half is masked off, and w[2i]
+// once shifted left 16: two cheap in-lane ops per 32 weights, no lane-crossing widening. Four rows share each x
+// load; eight independent accumulators hide FMA latency.
+static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* x, const float* xs, int64_t k, float* y,
+                      const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  const int64_t kb = kPairBlock > 1 ? k / kPairBlock * kPairBlock : 0;
+#if defined(__AVX512F__)
+  const __m512i hi_mask = _mm512_set1_epi32(int32_t(0xffff0000u));
   for (; r + 4 <= r1; r += 4) {
-    const uint16_t *w0 = W + r * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t i = 0; i < kv; i += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + i);
-      a0 = _mm512_fmadd_ps(load_bf16x16(w0 + i), xv, a0);
-      a1 = _mm512_fmadd_ps(load_bf16x16(w1 + i), xv, a1);
-      a2 = _mm512_fmadd_ps(load_bf16x16(w2 + i), xv, a2);
-      a3 = _mm512_fmadd_ps(load_bf16x16(w3 + i), xv, a3);
+    const uint16_t* w[4] = {W + r * ldw, W + (r + 1) * ldw, W + (r + 2) * ldw, W + (r + 3) * ldw};
+    __m512 ae[4], ao[4];
+    for (int j = 0; j < 4; ++j) ae[j] = ao[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < kb; i += 32) {
+      const __m512 xe = _mm512_loadu_ps(xs + i), xo = _mm512_loadu_ps(xs + i + 16);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i v = _mm512_loadu_si512((const void*)(w[j] + i));
+        ae[j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, ae[j]);
+        ao[j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi_mask)), xo, ao[j]);
+      }
     }
-    if (tail) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + kv);
-      a0 = _mm512_fmadd_ps(load_bf16x16_mask(w0 + kv, tail), xv, a0);
-      a1 = _mm512_fmadd_ps(load_bf16x16_mask(w1 + kv, tail), xv, a1);
-      a2 = _mm512_fmadd_ps(load_bf16x16_mask(w2 + kv, tail), xv, a2);
-      a3 = _mm512_fmadd_ps(load_bf16x16_mask(w3 + kv, tail), xv, a3);
+    for (int j = 0; j < 4; ++j) {
+      float s = hsum(_mm512_add_ps(ae[j], ao[j]));
+      for (int64_t i = kb; i < k; ++i) s += bf16f(w[j][i]) * x[i];
+      finish_row(y, r + j, s, bias, accumulate);
     }
-    finish_row(y, r, hsum(a0), bias, accumulate);
-    finish_row(y, r + 1, hsum(a1), bias, accumulate);
-    finish_row(y, r + 2, hsum(a2), bias, accumulate);
-    finish_row(y, r + 3, hsum(a3), bias, accumulate);
   }
 #elif defined(__AVX2__)
-  const int64_t kv = k & ~int64_t(7);
+  const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
   for (; r + 4 <= r1; r += 4) {
-    const uint16_t *w0 = W + r * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t i = 0; i < kv; i += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + i);
-      a0 = _mm256_fmadd_ps(load_bf16x8(w0 + i), xv, a0);
-      a1 = _mm256_fmadd_ps(load_bf16x8(w1 + i), xv, a1);
-      a2 = _mm256_fmadd_ps(load_bf16x8(w2 + i), xv, a2);
-      a3 = _mm256_fmadd_ps(load_bf16x8(w3 + i), xv, a3);
+    const uint16_t* w[4] = {W + r * ldw, W + (r + 1) * ldw, W + (r + 2) * ldw, W + (r + 3) * ldw};
+    __m256 ae[4], ao[4];
+    for (int j = 0; j < 4; ++j) ae[j] = ao[j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < kb; i += 16) {
+      const __m256 xe = _mm256_loadu_ps(xs + i), xo = _mm256_loadu_ps(xs + i + 8);
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w[j] + i));
+        ae[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, ae[j]);
+        ao[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi_mask)), xo, ao[j]);
+      }
     }
-    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-    for (int64_t i = kv; i < k; ++i) {
-      s0 += bf16f(w0[i]) * x[i]; s1 += bf16f(w1[i]) * x[i]; s2 += bf16f(w2[i]) * x[i]; s3 += bf16f(w3[i]) * x[i];
+    for (int j = 0; j < 4; ++j) {
+      float s = hsum(_mm256_add_ps(ae[j], ao[j]));
+      for (int64_t i = kb; i < k; ++i) s += bf16f(w[j][i]) * x[i];
+      finish_row(y, r + j, s, bias, accumulate);
     }
-    finish_row(y, r, s0, bias, accumulate);
-    finish_row(y, r + 1, s1, bias, accumulate);
-    finish_row(y, r + 2, s2, bias, accumulate);
-    finish_row(y, r + 3, s3, bias, accumulate);
   }
 #endif
+  (void)xs;
   for (; r < r1; ++r) {
     const uint16_t* w = W + r * ldw;
     float s = 0.0f;
@@ -238,7 +247,7 @@ static void attend(const float* q, int64_t ldq, int64_t rows, const float* K, co
   }
 }
 
-static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, gemv_bf16, bf16_to_f32, rmsnorm_row, silu_mul_row, attend};
+static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, prepare_x_bf16, gemv_bf16, bf16_to_f32, rmsnorm_row, silu_mul_row, attend};
 
 }  // namespace QWEN_KERNELS_NS
 }  // namespace qwen
