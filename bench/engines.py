@@ -285,6 +285,10 @@ class Transformers:
             kw["device_map"] = str(self.dev)
         self.model = AutoModelForCausalLM.from_pretrained(self.job["model"], **kw).eval()
         self.sync()
+        import inspect
+
+        # transformers ≥ 5.2x names the KV cache argument `cache` (`past_key_values` is deprecated); older: the latter
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         if self.job.get("compile"):
             from transformers import StaticCache
 
@@ -306,19 +310,19 @@ class Transformers:
 
     def _run(self, ids: List[int], compiled: bool) -> int:
         torch = self.torch
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: a StaticCache must stay writable by reset() and compiled code
             x = torch.tensor([ids], dtype=torch.long, device=self.dev)
+            kw = {self.cache_arg: self.cache, "use_cache": True}
             if self.job.get("compile"):
-                cp = torch.arange(self.pos, self.pos + len(ids), device=self.dev)
+                kw["cache_position"] = torch.arange(self.pos, self.pos + len(ids), device=self.dev)
                 if compiled:
                     torch.compiler.cudagraph_mark_step_begin()
-                    out = self.step(input_ids=x, past_key_values=self.cache, cache_position=cp, use_cache=True)
+                    out = self.step(input_ids=x, **kw)
                 else:
-                    out = self.model(input_ids=x, past_key_values=self.cache, cache_position=cp, use_cache=True,
-                                     logits_to_keep=1)
+                    out = self.model(input_ids=x, logits_to_keep=1, **kw)
             else:
-                out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-                self.cache = out.past_key_values
+                out = self.model(input_ids=x, logits_to_keep=1, **kw)
+                self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             self.pos += len(ids)
             return int(out.logits[0, -1].argmax().item())  # .item() waits for the device
 
