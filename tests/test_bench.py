@@ -38,7 +38,7 @@ QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def bench_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     cfg = make_config()
     write_checkpoint(str(d), cfg, random_weights(cfg), dtype="BF16")
@@ -49,8 +49,8 @@ def run_bench(*args, timeout=300):
     return subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_bench_runs_ours_and_reports_every_figure(tiny_model, tmp_path):
-    model_dir, cfg = tiny_model
+def test_bench_runs_ours_and_reports_every_figure(bench_model, tmp_path):
+    model_dir, cfg = bench_model
     out = tmp_path / "out.json"
     md = tmp_path / "table.md"
     p = run_bench("--model", model_dir, "--prompt-tokens", "12", "--gen-tokens", "5", "--repeats", "2",
@@ -88,8 +88,23 @@ def test_bench_runs_ours_and_reports_every_figure(tiny_model, tmp_path):
     assert md.read_text().startswith("| engine")
 
 
-def test_bench_engine_filter_and_bad_peer(tiny_model, tmp_path):
-    model_dir, _ = tiny_model
+def test_bench_tokenizes_real_text_when_the_model_has_a_tokenizer(tmp_path):
+    tokenizer_fixture = pytest.importorskip("tokenizer_fixture")
+    d = tmp_path / "tok"
+    cfg = make_config(vocab_size=512)
+    tokenizer_fixture.write_tokenizer(str(d), cfg["vocab_size"])
+    write_checkpoint(str(d), cfg, random_weights(cfg))
+    out = tmp_path / "out.json"
+    p = run_bench("--model", str(d), "--prompt-tokens", "40", "--gen-tokens", "3", "--repeats", "1",
+                  "--threads", "1", "--bandwidth-mib", "0", "--json", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(out.read_text())
+    assert data["meta"]["prompt"].startswith("real text")
+    assert data["engines"][0]["status"] == "ok" and len(data["engines"][0]["tokens"]) == 4
+
+
+def test_bench_engine_filter_and_bad_peer(bench_model, tmp_path):
+    model_dir, _ = bench_model
     out = tmp_path / "out.json"
     p = run_bench("--model", model_dir, "--prompt-tokens", "4", "--gen-tokens", "2", "--repeats", "1",
                   "--threads", "1", "--bandwidth-mib", "0", "--peer", "nonsense", "--json", str(out))
@@ -105,9 +120,9 @@ def test_bench_engine_filter_and_bad_peer(tiny_model, tmp_path):
     assert [r["engine"] for r in json.loads(out.read_text())["engines"]] == ["ours"]
 
 
-def test_missing_python_module_is_reported_not_raised(tiny_model, tmp_path):
+def test_missing_python_module_is_reported_not_raised(bench_model, tmp_path):
     """A peer whose package is absent from the interpreter comes back as 'missing'."""
-    model_dir, _ = tiny_model
+    model_dir, _ = bench_model
     job = {"engine": "transformers", "kind": "transformers", "model": model_dir, "dtype": "float32",
            "device": "cpu", "threads": 1, "prompt_ids": [1, 2], "short_ids": [3], "gen_tokens": 1, "repeats": 1,
            "max_context": 16}
