@@ -181,6 +181,35 @@ def git_state() -> Dict[str, Any]:
         return {"commit": None}
 
 
+def others_busy(window: float = 3.0) -> Optional[float]:
+    """Share of the machine's CPU time used over `window` seconds while this (sleeping) process waits: what
+    everything else is doing right now. None where /proc/stat is unreadable."""
+    def busy():
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+        v = [int(x) for x in lines[0].split()[1:9]]
+        n = sum(1 for ln in lines if ln.startswith("cpu") and ln[3:4].isdigit())
+        return sum(v) - v[3] - v[4], n
+    try:
+        b0, n = busy()
+        time.sleep(window)
+        b1, _ = busy()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (b1 - b0) / (os.sysconf("SC_CLK_TCK") * window * max(1, n))
+
+
+def wait_quiet(max_wait: float, below: float) -> Optional[float]:
+    """Wait (up to max_wait s) until other processes use less than `below` of the CPUs; returns the last share."""
+    deadline = time.monotonic() + max_wait
+    share = others_busy()
+    while share is not None and share >= below and time.monotonic() < deadline:
+        print(f"  waiting for a quiet machine: others use {share * 100:.0f}% of the CPUs", flush=True)
+        time.sleep(10)
+        share = others_busy()
+    return share
+
+
 def loadavg() -> Optional[List[float]]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -254,21 +283,29 @@ def run_worker(job: Dict[str, Any], python: str, timeout: float, verbose: bool) 
                 return {"engine": job.get("engine"), "status": "failed", "error": f"cannot start {python}: {e}"}
             rusage = None
             timed_out = False
-            while True:
-                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    rusage, proc.returncode = ru, os.waitstatus_to_exitcode(status)
-                    break
-                if time.perf_counter() - t0 > timeout:
-                    timed_out = True
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    _, status, rusage = os.wait4(proc.pid, 0)
-                    proc.returncode = os.waitstatus_to_exitcode(status)
-                    break
-                time.sleep(0.1)
+
+            def kill():  # the worker runs in its own session: end its whole process group
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return os.wait4(proc.pid, 0)
+
+            try:
+                while True:
+                    pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        rusage, proc.returncode = ru, os.waitstatus_to_exitcode(status)
+                        break
+                    if time.perf_counter() - t0 > timeout:
+                        timed_out = True
+                        _, status, rusage = kill()
+                        proc.returncode = os.waitstatus_to_exitcode(status)
+                        break
+                    time.sleep(0.1)
+            except BaseException:  # Ctrl-C in the parent must not leave a worker running
+                kill()
+                raise
         tail = ""
         if not verbose:
             with open(log_path, errors="replace") as f:
@@ -394,6 +431,10 @@ def parse_args(argv=None):
                     help="buffer for the bandwidth probe, MiB (0: skip the bandwidth and sgemm probes)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine before it is stopped")
     ap.add_argument("--compile-timeout", type=float, default=900, help="seconds for transformers-compile")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                    help="before each engine, wait up to this long for other processes to use less than "
+                         "--quiet-below of the CPUs")
+    ap.add_argument("--quiet-below", type=float, default=0.10, help="CPU share counted as quiet for --wait-quiet")
     ap.add_argument("--verbose", action="store_true", help="show the workers' own output")
     args = ap.parse_args(argv)
     if args.prompt_tokens < 1 or args.gen_tokens < 1 or args.repeats < 1:
@@ -430,7 +471,7 @@ def main(argv=None) -> int:
         "loadavg_start": loadavg(), "python": args.python, "peer_python": peer_python,
         "bytes_per_token": {d: bytes_per_token(cfg, d) for d in DTYPE_BYTES},
         "weights_in_memory_bytes": {d: weight_bytes_in_memory(cfg, d) for d in DTYPE_BYTES},
-        "prefill_gflop": prefill_flops(cfg, N) / 1e9,
+        "prefill_gflop": prefill_flops(cfg, N) / 1e9, "prompt_ids": prompt_ids, "short_prompt_ids": short_ids,
     }
     print(f"qwen-native bench  {meta['date']}  model {model_dir}")
     m = meta["machine"]
@@ -449,6 +490,8 @@ def main(argv=None) -> int:
         mjob = {"engine": "machine", "kind": "machine", "device": args.device, "threads": threads,
                 "bandwidth_bytes": args.bandwidth_mib << 20,
                 "sgemm_shape": [N, cfg["intermediate_size"], cfg["hidden_size"]]}
+        if args.wait_quiet > 0:
+            wait_quiet(args.wait_quiet, args.quiet_below)
         la = loadavg()
         mres = run_worker(mjob, peer_python if cuda else args.python, 600, args.verbose)
         mres["loadavg"] = la
@@ -477,6 +520,8 @@ def main(argv=None) -> int:
                "threads": threads, "prompt_ids": prompt_ids, "short_ids": short_ids, "gen_tokens": M,
                "repeats": args.repeats, "max_context": max_context, "attn": e.get("attn"),
                "compile": e.get("compile", False), "warmup_decode": 8 if e.get("compile") else 3}
+        if args.wait_quiet > 0:
+            wait_quiet(args.wait_quiet, args.quiet_below)
         la = loadavg()
         print(f"running {label} (load average {la}) ...", flush=True)
         res = run_worker(job, args.python if e["kind"] == "ours" else peer_python,
