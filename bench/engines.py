@@ -194,8 +194,8 @@ def _argmax(logits) -> int:
 
 
 class Ours:
-    """qwen_native through its public `load` once that exists; before it does, the same files through _core.Model
-    directly (the result says which)."""
+    """qwen_native through its public `load`; where that cannot be used (a build before the Python layer, or a
+    test checkpoint without tokenizer.json), the same files through _core.Model directly (`load_via` says which)."""
 
     def __init__(self, job):
         self.job = job
@@ -206,7 +206,8 @@ class Ours:
         import qwen_native
 
         j = self.job
-        if hasattr(qwen_native, "load"):
+        no_tokenizer = os.path.isdir(j["model"]) and not os.path.exists(os.path.join(j["model"], "tokenizer.json"))
+        if hasattr(qwen_native, "load") and not no_tokenizer:
             self.model = qwen_native.load(j["model"], dtype=j["dtype"], device=j["device"],
                                           num_threads=j["threads"], max_context=j["max_context"])
             self.core = self.model.core
@@ -226,7 +227,9 @@ class Ours:
                 paths = [os.path.join(d, "model.safetensors")]
             self.core = _core.Model(cfg, tensor_table(paths), dtype=j["dtype"], device=j["device"],
                                     max_context=j["max_context"], num_threads=j["threads"])
-            self.load_via = "_core.Model + checkpoint.tensor_table (qwen_native.load not available yet)"
+            self.load_via = ("_core.Model + checkpoint.tensor_table (" +
+                             ("no tokenizer.json, which qwen_native.load needs" if no_tokenizer
+                              else "qwen_native.load not available yet") + ")")
 
     def unload(self):
         for obj in (self.model, self.core):

@@ -81,6 +81,7 @@ def test_bench_runs_ours_and_reports_every_figure(bench_model, tmp_path):
         assert r["bytes_per_token"] == bench.bytes_per_token(cfg, dt)
         assert r["peak_rss_bytes"] > 0
         assert r["backend"]
+        assert r["load_via"].startswith("_core.Model")  # no tokenizer.json: qwen_native.load cannot be used
     assert rows[("ours", "float32")]["agree"] == "ref"
 
     missing = [r for r in data["engines"] if r["engine"] == "llama.cpp"]
@@ -101,6 +102,10 @@ def test_bench_tokenizes_real_text_when_the_model_has_a_tokenizer(tmp_path):
     data = json.loads(out.read_text())
     assert data["meta"]["prompt"].startswith("real text")
     assert data["engines"][0]["status"] == "ok" and len(data["engines"][0]["tokens"]) == 4
+    import qwen_native
+
+    if hasattr(qwen_native, "load"):  # load time is measured through the public API
+        assert data["engines"][0]["load_via"] == "qwen_native.load"
 
 
 def test_bench_engine_filter_and_bad_peer(bench_model, tmp_path):
