@@ -19,3 +19,8 @@ class ConfigError(QwenNativeError, ValueError):
 
 class TemplateError(QwenNativeError, ValueError):
     """The chat template or tokenizer files are missing, invalid, or tried something the sandbox forbids."""
+
+
+class ModelNotFoundError(QwenNativeError, FileNotFoundError):
+    """The model could not be found: no such local directory, no such Hub repository, revision or file, or the
+    files are not in the local cache while offline."""

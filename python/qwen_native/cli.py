@@ -1,0 +1,184 @@
+"""``qwen-native`` / ``python -m qwen_native``: generate from the command line, flags as in candle's Qwen example.
+
+The answer streams to stdout; load time, prefill tok/s and decode tok/s go to stderr. Errors are one line on
+stderr and a non-zero exit status (2: bad arguments, 1: anything else, 130: interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import List, NoReturn, Optional, Sequence
+
+PROG = "qwen-native"
+
+# candle's --model names (which-model values) for the Qwen2.5 family, mapped to Hub repos.
+_SHORTHAND = re.compile(r"^(?:2\.5-)?(coder-)?(0\.5|1\.5|3|7|14|32|72)b$", re.IGNORECASE)
+
+
+class _ArgError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
+        raise _ArgError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import DEFAULT_MODEL, __version__
+
+    p = _Parser(prog=PROG, description="Run a Qwen2 / Qwen2.5 chat model on the CPU (or CUDA) without PyTorch.")
+    p.add_argument("--prompt", "-p", help="the user message (default: read stdin when it is not a terminal)")
+    p.add_argument("--model", "--model-id", dest="model", default=DEFAULT_MODEL,
+                   help=f"Hub repo id or local model directory (default {DEFAULT_MODEL}); candle-style sizes such "
+                        "as 0.5b, 1.5b, 7b, coder-1.5b name the Qwen2.5 Instruct models")
+    p.add_argument("--revision", help="Hub branch, tag or commit (default main)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (the default; overrides --device)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", help="bfloat16 (bf16) or float32 (f32); default: the checkpoint's on CPU")
+    p.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy (default: the model's "
+                                                     "generation_config.json)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling probability mass")
+    p.add_argument("--top-k", type=int, help="sample only among the k most likely tokens (0 = off)")
+    p.add_argument("--min-p", type=float, help="drop tokens below min-p x the top token's probability")
+    p.add_argument("--seed", type=int, help="random seed for sampling (default: random)")
+    p.add_argument("--sample-len", "-n", dest="sample_len", type=_positive_int,
+                   help="maximum number of tokens to generate (default 1024, bounded by the context)")
+    p.add_argument("--repeat-penalty", type=float, help="repetition penalty, 1 = off (default: the model's)")
+    p.add_argument("--repeat-last-n", type=_nonneg_int, default=64,
+                   help="context size for the repeat penalty (default 64; 0 = the whole context)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--max-context", type=_positive_int, help="KV cache size in tokens (default min(model, 4096))")
+    p.add_argument("--threads", type=_nonneg_int, help="CPU threads (default: all available)")
+    p.add_argument("--local-files-only", action="store_true", help="never download; use the local cache only")
+    p.add_argument("--quiet", "-q", action="store_true", help="no statistics on stderr")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def _model_name(name: str) -> str:
+    if os.path.exists(name):
+        return name
+    m = _SHORTHAND.match(name)
+    if m:
+        coder = "Coder-" if m.group(1) else ""
+        return f"Qwen/Qwen2.5-{coder}{m.group(2)}B-Instruct"
+    return name
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.flush()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``qwen-native`` command; returns the exit status."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.write("\n")
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+def _main(argv: List[str]) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except _ArgError as e:
+        _err(f"{_one_line(e)} (see {PROG} --help)")
+        return 2
+
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            _err("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
+            return 2
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            _err("the prompt read from stdin is empty")
+            return 2
+
+    try:
+        import qwen_native
+        from .sampling import check_sampling_args
+
+        # Bad values fail before the (slow) load.
+        check_sampling_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repeat_penalty, seed=args.seed)
+        device = "cpu" if args.cpu else args.device
+        model = qwen_native.load(_model_name(args.model), revision=args.revision, device=device, dtype=args.dtype,
+                                 max_context=args.max_context, num_threads=args.threads,
+                                 local_files_only=True if args.local_files_only else None)
+        if not args.quiet:
+            sys.stderr.write(f"loaded {model.name} in {model.load_s:.2f} s ({model.device}, {model.dtype}, "
+                             f"{model.num_threads} threads, context {model.max_context})\n")
+            sys.stderr.flush()
+        stream = model.generate(prompt, max_new_tokens=args.sample_len, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                repetition_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                                seed=args.seed, stop=args.stop, stream=True, system=args.system,
+                                chat_template=not args.no_chat_template)
+        out = sys.stdout
+        for piece in stream:
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        r = stream.result
+        if r is not None and not args.quiet:
+            sys.stderr.write(
+                f"prompt: {r.prompt_tokens} tokens, prefill {r.prefill_tok_s:.1f} tok/s ({r.prefill_s:.2f} s)\n"
+                f"generated: {len(r.token_ids)} tokens, decode {r.decode_tok_s:.1f} tok/s, "
+                f"time to first token {r.ttft_s:.2f} s, finish: {r.finish_reason}\n")
+            sys.stderr.flush()
+        model.close()
+        return 0
+    except (KeyboardInterrupt, BrokenPipeError):
+        raise
+    except (ValueError, TypeError, OSError, RuntimeError, MemoryError, IndexError) as e:
+        _err(_one_line(e))
+        return 1
+    except Exception as e:  # anything unexpected: still one line, with its type for a bug report
+        _err(f"{type(e).__name__}: {_one_line(e)}")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
