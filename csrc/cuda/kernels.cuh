@@ -1,0 +1,85 @@
+// Launchers of the CUDA backend's own kernels (kernels.cu, gemv.cu, attention.cu). Each takes raw device pointers,
+// row strides in elements, and the stream; each checks its launch (QWEN_CUDA_LAUNCHED). Positions and token ids
+// are read on the device from StepParams, so every launcher is safe to record in a CUDA graph.
+#pragma once
+
+#include "cuda/common.cuh"
+
+namespace qwen {
+namespace cuda {
+
+// out F32 (T, H) = table[ids[t]]                                    table bf16 (vocab, H)
+void launch_embed(float* out, int64_t ldo, const bf16* table, int64_t ldt, int64_t H, int64_t T,
+                  const StepParams* params, cudaStream_t stream);
+
+// out (rows, n) = x / sqrt(mean(x²) + eps) · w, per row; x F32, w F32 (n); out bf16 or F32.
+void launch_rmsnorm(void* out, bool out_f32, int64_t ldo, const float* x, int64_t ldx, const float* w, int64_t n,
+                    int64_t rows, float eps, cudaStream_t stream);
+
+// Rotate-half RoPE in place on q (T, q_heads·hd) and k (T, k_heads·hd), bf16; token t at position pos0 + t; cos,
+// sin F32 (max_positions, hd/2) with row stride ldcs. Angles come from the float32 tables, the rotation in f32.
+void launch_rope(bf16* q, int64_t ldq, int64_t q_heads, bf16* k, int64_t ldk, int64_t k_heads, int64_t hd,
+                 const float* cos, const float* sin, int64_t ldcs, int64_t T, const StepParams* params,
+                 cudaStream_t stream);
+
+// Cache rows g·max_pos + pos0 + t ← k, v (T, kv_heads·hd) bf16.
+void launch_kv_store(bf16* k_cache, bf16* v_cache, int64_t ldc, const bf16* k, int64_t ldk, const bf16* v,
+                     int64_t ldv, int64_t kv_heads, int64_t hd, int64_t max_pos, int64_t T,
+                     const StepParams* params, cudaStream_t stream);
+
+// out bf16 (T, n) = silu(gate_up[:, :n]) · gate_up[:, n:], in f32.
+void launch_silu_mul(bf16* out, int64_t ldo, const bf16* gate_up, int64_t ldg, int64_t n, int64_t T,
+                     cudaStream_t stream);
+
+// out (T, n) = src (T, n) F32 + bias (n) F32; out bf16 or F32 (an F32 out may be src itself).
+void launch_add_bias(void* out, bool out_f32, int64_t ldo, const float* src, int64_t lds, const float* bias,
+                     int64_t n, int64_t T, cudaStream_t stream);
+
+// *result = argmax of x (n floats), lowest index on ties, NaN never wins. Multi-block; the last block to finish
+// reduces the per-block partials (kArgmaxMaxBlocks of them at most) and resets *counter to 0.
+constexpr int kArgmaxMaxBlocks = 1024;
+void launch_argmax(const float* x, int64_t n, float* part_v, int32_t* part_i, unsigned* counter, int32_t* result,
+                   int blocks, cudaStream_t stream);
+
+// --- GEMV (one token): out (n) = W (n, k) · x (k) + bias, bf16 in, f32 accumulation --------------------------------
+// Rows of W are read with 16-byte loads, so k and ldw must be multiples of 8 and W, x 16-byte aligned
+// (gemv_supported). `warps_per_row` (1, 2, 4 or 8) splits each row's k across warps: more warps for short,
+// wide matrices so the whole GPU streams. out is F32 (optionally += ) or bf16.
+bool gemv_supported(const void* W, int64_t ldw, const void* x, int64_t k);
+void launch_gemv(const bf16* W, int64_t ldw, const bf16* x, int64_t k, int64_t n, void* out, bool out_f32,
+                 bool accumulate, const float* bias, int warps_per_row, cudaStream_t stream);
+// A sensible warps_per_row when nothing has been measured: enough warps in flight to cover `sms` multiprocessors.
+int gemv_default_warps(int64_t n, int64_t k, int sms);
+
+// --- attention -------------------------------------------------------------------------------------------------
+struct AttnArgs {
+  const bf16* q;          // (T, heads·hd), row stride ldq
+  int64_t ldq;
+  const bf16* k_cache;    // (kv_heads·max_pos, hd), row stride ldkv
+  const bf16* v_cache;
+  int64_t ldkv;
+  bf16* out;              // (T, heads·hd), row stride ldo
+  int64_t ldo;
+  int T, heads, kv_heads, group, hd, max_pos;
+  float scale;
+  const StepParams* params;
+  // split-KV decode only
+  float* part_o;          // (s_max, heads, hd): unnormalised partial outputs
+  float* part_ml;         // (s_max, heads, 2): running max and sum of exponentials
+  unsigned* counters;     // (kv_heads · n_hb), zero between launches
+  int s_max, n_hb, min_chunk;
+};
+constexpr int kAttnMaxHeadDim = 256;
+// Rows per decode block: query heads sharing one kv head handled together (more → blockIdx.z).
+constexpr int kDecodeRows = 8;
+constexpr int kDecodeMinChunk = 64;  // keys per split at least, so short contexts use few splits
+// Causal prefill: query tiles of 16 tokens × one head per block, K/V in 32-key shared-memory tiles, online
+// softmax in f32; nothing of size T×T is ever stored.
+void launch_attention_prefill(const AttnArgs& a, cudaStream_t stream);
+// Single query (T = 1): split-KV flash-decoding. Blocks (split, kv head, head batch) each cover a slice of the
+// cache for all query heads of their kv head; the last block of a kv head to finish merges the slices.
+void launch_attention_decode(const AttnArgs& a, cudaStream_t stream);
+bool attention_layout_supported(const AttnArgs& a);
+
+}  // namespace cuda
+}  // namespace qwen
