@@ -254,7 +254,11 @@ class Ours:
         import qwen_native
         from qwen_native import _core
 
-        return {"backend": self.core.backend, "load_via": self.load_via,
+        so = getattr(_core, "__file__", None)
+        built = None
+        if so and os.path.exists(so):
+            built = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(os.path.getmtime(so)))
+        return {"backend": self.core.backend, "load_via": self.load_via, "core_so": so, "core_so_built": built,
                 "version": f"qwen_native {qwen_native.__version__}",
                 "build": dict(_core.build_info()) if hasattr(_core, "build_info") else None}
 
