@@ -586,10 +586,11 @@ def summary_lines(rows, meta, bandwidth, cuda) -> List[str]:
         s += f"; prefill {fmt(r['prefill_tok_s'])} tok/s = {fmt(r['prefill_gflops'])} GFLOP/s"
         if peak and not cuda:
             s += f" = {r['prefill_gflops'] / peak * 100:.0f}% of the sgemm peak {peak:.0f} GFLOP/s"
-        s += f"; TTFT {fmt(r['ttft_s_median'] * 1e3)} ms; load {fmt(r['load_s_median'])} s"
+        s += f"; TTFT {fmt(r['ttft_s_median'] * 1e3)} ms; load {fmt(r['load_s_median'])} s ({r.get('load_via')})"
         if not cuda and r.get("peak_rss_bytes"):
             w = meta["weights_in_memory_bytes"][d]
             s += f"; peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB = {r['peak_rss_bytes'] / w:.2f}× the weights"
+        s += f"; backend {r.get('backend')}, _core built {r.get('core_so_built')}"
         out.append(s)
         for peer in rows:
             if peer is r or peer.get("status") != "ok" or peer["engine"] == "ours":
