@@ -363,18 +363,19 @@ def _template_from_config(cfg: Mapping[str, Any]) -> Optional[str]:
 class IncrementalDecoder:
     """Generated ids in, text pieces out; ``"".join(pieces) + flush()`` equals ``decode(all ids)``.
 
-    It decodes a short window of recent ids and emits the text the window gained, unless that text ends in
-    U+FFFD: then the last character is still missing bytes and the text waits for the next id. A character is
-    therefore emitted with the id that completes it, and never as a replacement character the full decode would
-    not contain. Special tokens are skipped (``skip_special_tokens``).
+    It decodes a short window of recent ids and emits the text the window gained, except for trailing U+FFFD:
+    that is a character still missing bytes (or invalid bytes whose fate the next id decides), held until the
+    next id. So a character is emitted with the id that completes it, and never as a replacement character the
+    full decode would not contain. Special tokens are skipped (``skip_special_tokens``).
     """
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._ids: List[int] = []
-        self._prefix = 0   # window start: ids before it are done with
-        self._read = 0     # ids before it have had their text emitted
+        self._prefix = 0   # window start (a few ids of context before `_read`)
+        self._read = 0     # the text of ids[:_read] is all emitted, and ends on a whole character
+        self._extra = 0    # characters of ids[_read:] already emitted (complete ones before a partial one)
 
     def _decode(self, ids: List[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip) if ids else ""
@@ -383,17 +384,23 @@ class IncrementalDecoder:
         """Add one id; return the text that is now complete ("" when none is)."""
         self._ids.append(int(token_id))
         prefix_text = self._decode(self._ids[self._prefix:self._read])
-        new_text = self._decode(self._ids[self._prefix:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            piece = new_text[len(prefix_text):]
-            self._prefix, self._read = self._read, len(self._ids)
+        text = self._decode(self._ids[self._prefix:])
+        start = len(prefix_text) + self._extra
+        if not text.endswith("\ufffd"):
+            piece = text[start:]
+            self._prefix, self._read, self._extra = self._read, len(self._ids), 0
             return piece
+        stable = len(text.rstrip("\ufffd"))
+        if stable > start:
+            self._extra += stable - start
+            return text[start:stable]
         return ""
 
     def flush(self) -> str:
         """The text still held back (an incomplete character at the very end becomes U+FFFD, as in the full
         decode); call once when generation ends."""
         prefix_text = self._decode(self._ids[self._prefix:self._read])
-        new_text = self._decode(self._ids[self._prefix:])
-        self._prefix = self._read = len(self._ids)
-        return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
+        text = self._decode(self._ids[self._prefix:])
+        start = len(prefix_text) + self._extra
+        self._prefix, self._read, self._extra = len(self._ids), len(self._ids), 0
+        return text[start:]

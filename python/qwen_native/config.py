@@ -115,7 +115,9 @@ def _is_number(v: Any) -> bool:
 
 
 def _size(d: Mapping[str, Any], key: str, src: str, default: Any = None) -> int:
-    v = d.get(key, default)
+    v = d.get(key)
+    if v is None:
+        v = default
     if v is None:
         raise ConfigError(f"{src} is missing \"{key}\" (a positive integer); a Qwen2 config.json always has it")
     if not _is_int(v):

@@ -502,13 +502,13 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
     Face cache as needed) or a local directory with config.json, tokenizer.json and safetensors weights.
 
     `dtype` None picks: on the CPU the checkpoint's own dtype when it is bfloat16 (weights stay bf16, math in
-    float32), else float32; on CUDA bfloat16. `max_context` is the KV cache size in tokens (default
-    min(max_position_embeddings, 4096)); `num_threads` the CPU threads (default: all this process may use).
+    float32), else float32; on CUDA bfloat16. `max_context` is the KV cache size in tokens (None or 0:
+    min(max_position_embeddings, 4096)); `num_threads` the CPU threads (None or 0: all this process may use).
     `local_files_only` (default: HF_HUB_OFFLINE) never touches the network."""
     t0 = time.perf_counter()
     device = _check_device(device)
     dt = _normalize_dtype(dtype)
-    max_context = _optional_int("max_context", max_context, 1)
+    max_context = _optional_int("max_context", max_context, 0) or None  # 0 = the default, as in _core
     num_threads = _optional_int("num_threads", num_threads, 0)
     if local_files_only is not None and not isinstance(local_files_only, bool):
         raise TypeError(f"local_files_only must be True, False or None, got {local_files_only!r}")
