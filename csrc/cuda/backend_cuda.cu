@@ -46,6 +46,14 @@ using cuda::StepParams;
 
 constexpr size_t kCublasWorkspace = size_t(32) << 20;  // what cuBLAS recommends for Hopper; set so graphs capture
 constexpr int64_t kReserveMargin = int64_t(256) << 20;   // cuBLAS, scratch buffers, the graph, fragmentation
+// Timing of one-token matmul shapes: graphs of up to kTuneMaxReps launches, each timed kTuneLaunches times after a
+// warm-up (the CPU emulation in tests/cuda_emu sets both to 1).
+#ifndef QWEN_CUDA_TUNE_MAX_REPS
+#define QWEN_CUDA_TUNE_MAX_REPS 50
+#endif
+#ifndef QWEN_CUDA_TUNE_LAUNCHES
+#define QWEN_CUDA_TUNE_LAUNCHES 3
+#endif
 
 std::string mib(int64_t bytes) { return std::to_string((bytes + (int64_t(1) << 20) - 1) >> 20) + " MiB"; }
 
@@ -517,7 +525,7 @@ class CudaBackend final : public Backend {
     }
     const bool f32 = out.dtype == DType::F32;
     const double bytes = double(n) * double(k) * 2;
-    const int reps = int(std::clamp(2.0e8 / bytes, 3.0, 50.0));
+    const int reps = int(std::clamp(2.0e8 / bytes, 1.0, double(QWEN_CUDA_TUNE_MAX_REPS)));
     Choice c;
     float best = 1e30f;
     for (int wpr = 1; wpr <= 8; wpr *= 2) {
@@ -558,7 +566,7 @@ class CudaBackend final : public Backend {
     try {
       QWEN_CUDA_CHECK(cudaGraphLaunch(exec, stream_));  // warm-up
       QWEN_CUDA_CHECK(cudaEventRecord(t0_, stream_));
-      constexpr int kLaunches = 3;
+      constexpr int kLaunches = QWEN_CUDA_TUNE_LAUNCHES;
       for (int i = 0; i < kLaunches; ++i) QWEN_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
       QWEN_CUDA_CHECK(cudaEventRecord(t1_, stream_));
       QWEN_CUDA_CHECK(cudaEventSynchronize(t1_));

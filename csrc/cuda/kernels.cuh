@@ -72,7 +72,10 @@ struct AttnArgs {
 constexpr int kAttnMaxHeadDim = 256;
 // Rows per decode block: query heads sharing one kv head handled together (more → blockIdx.z).
 constexpr int kDecodeRows = 8;
-constexpr int kDecodeMinChunk = 64;  // keys per split at least, so short contexts use few splits
+#ifndef QWEN_CUDA_DECODE_MIN_CHUNK
+#define QWEN_CUDA_DECODE_MIN_CHUNK 64
+#endif
+constexpr int kDecodeMinChunk = QWEN_CUDA_DECODE_MIN_CHUNK;  // keys per split at least: short contexts, few splits
 // Causal prefill: query tiles of 16 tokens × one head per block, K/V in 32-key shared-memory tiles, online
 // softmax in f32; nothing of size T×T is ever stored.
 void launch_attention_prefill(const AttnArgs& a, cudaStream_t stream);

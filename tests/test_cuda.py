@@ -1,0 +1,297 @@
+"""The CUDA backend against the CPU float32 path, on tiny random checkpoints.
+
+Skipped unless the extension has the CUDA backend and sees a GPU. QWEN_NATIVE_CUDA_CORE=<path of a _core .so>
+runs these tests against another build of the extension, e.g. the CPU emulation of the CUDA runtime that
+tests/cuda_emu/build.py makes (tests/test_cuda_emulated.py does that), where the heaviest cases are shrunk.
+
+bf16 activations against float32: logits agree to a bf16 rounding (max |gpu - cpu| / max |cpu| within TOL);
+greedy tokens agree except where the CPU's own top two logits are closer than that."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from fixtures import make_config, random_weights, write_checkpoint  # noqa: E402
+from qwen_native.checkpoint import tensor_table  # noqa: E402
+
+
+def _load_core():
+    path = os.environ.get("QWEN_NATIVE_CUDA_CORE")
+    if not path:
+        from qwen_native import _core
+        return _core
+    spec = importlib.util.spec_from_file_location("_core", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+core = _load_core()
+try:
+    _lib = ctypes.CDLL(core.__file__)
+    EMULATED = hasattr(_lib, "qwen_cuda_emu_graph_launches")
+except OSError:
+    _lib, EMULATED = None, False
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not core.cuda_available(),
+                       reason="needs the CUDA backend and a GPU (build info: %s)" % (core.build_info(),)),
+]
+
+TOL = 2e-2      # bf16 activations and weights vs float32, max-abs relative
+TOL_F32 = 3e-2  # float32 checkpoint rounded to bf16 on the GPU
+
+# Shapes covering the cases the kernels branch on: GQA group 1, 2, 4, 6, 12 (two decode head batches), head_dim
+# 16 / 32 / 64 / 128, tied and untied lm_head, widths the GEMV takes (multiples of 8) and ones it leaves to cuBLAS.
+CONFIGS = {
+    "gqa2-tied": dict(),                                                        # hd 16, I 97 (down_proj on cuBLAS)
+    "mha-untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
+    "mqa": dict(num_key_value_heads=1, intermediate_size=96),
+    "group6-hd64": dict(hidden_size=384, num_attention_heads=6, num_key_value_heads=1, intermediate_size=256),
+    "group12-hd32": dict(hidden_size=384, num_attention_heads=12, num_key_value_heads=1, intermediate_size=128,
+                         tie_word_embeddings=False),
+    "hd128": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, intermediate_size=344),
+}
+
+
+def checkpoint(tmp_path, name="gqa2-tied", dtype="BF16", seed=0, **overrides):
+    cfg = make_config(**dict(CONFIGS[name], **overrides))
+    d = str(tmp_path / f"ckpt-{name}-{dtype}-{seed}")
+    write_checkpoint(d, cfg, random_weights(cfg, seed=seed), dtype=dtype)
+    return cfg, tensor_table(sorted(glob.glob(os.path.join(d, "*.safetensors"))))
+
+
+def gpu(cfg, table, **kw):
+    return core.Model(cfg, table, dtype="bfloat16", device="cuda", **kw)
+
+
+def cpu(cfg, table, **kw):
+    return core.Model(cfg, table, dtype="float32", device="cpu", num_threads=2, **kw)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all(), "non-finite values from the GPU"
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def prompt(n, vocab, seed=1):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, vocab, n)]
+
+
+def run_and_compare(g, c, ids, steps, tol):
+    """Prefill (every position's logits) and `steps` teacher-forced decode steps on both; worst relative error."""
+    lc = c.prefill(ids, all_logits=True)
+    worst = rel(g.prefill(ids, all_logits=True), lc)
+    tok = int(np.argmax(lc[-1]))
+    for _ in range(steps):
+        a, b = g.decode(tok), c.decode(tok)
+        worst = max(worst, rel(a, b))
+        tok = int(np.argmax(b))
+    assert worst < tol, f"worst relative error {worst:.3g} over prefill and {steps} decode steps"
+    return worst
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_and_decode_match_cpu(tmp_path, name):
+    cfg, table = checkpoint(tmp_path, name)
+    g, c = gpu(cfg, table), cpu(cfg, table)
+    assert "cuda" in g.backend
+    run_and_compare(g, c, prompt(24, cfg["vocab_size"]), 20, TOL)
+    assert g.length == c.length == 24 + 20
+
+
+@pytest.mark.parametrize("mode", ["gemv", "cublas", "auto"])
+def test_one_token_matmul_paths(tmp_path, monkeypatch, mode):
+    monkeypatch.setenv("QWEN_NATIVE_GEMV", mode)
+    cfg, table = checkpoint(tmp_path, "hd128")
+    g = gpu(cfg, table)
+    run_and_compare(g, cpu(cfg, table), prompt(12, cfg["vocab_size"]), 6, TOL)
+    name = g.backend
+    if mode == "gemv":
+        assert "gemv (forced)" in name and "=gemv/" in name, name
+    elif mode == "cublas":
+        assert "cublas (forced)" in name, name
+    else:
+        assert "timed" in name and "=" in name, name  # every decode shape was timed and a choice recorded
+
+
+def test_f32_checkpoint_is_rounded_to_bf16(tmp_path):
+    cfg, table = checkpoint(tmp_path, "mha-untied", dtype="F32")
+    run_and_compare(gpu(cfg, table), cpu(cfg, table), prompt(16, cfg["vocab_size"]), 8, TOL_F32)
+
+
+def test_f16_checkpoint(tmp_path):
+    cfg, table = checkpoint(tmp_path, "gqa2-tied", dtype="F16")
+    run_and_compare(gpu(cfg, table), cpu(cfg, table), prompt(16, cfg["vocab_size"]), 8, TOL_F32)
+
+
+def test_greedy_tokens_match_cpu(tmp_path):
+    cfg, table = checkpoint(tmp_path, "group6-hd64", seed=3)
+    g, c = gpu(cfg, table), cpu(cfg, table)
+    ids = prompt(20, cfg["vocab_size"], seed=4)
+    lg, lc = g.prefill(ids), c.prefill(ids)
+    tg, tc = int(np.argmax(lg)), int(np.argmax(lc))
+    matched = 0
+    for step in range(20):
+        if tg != tc:
+            break
+        matched += 1
+        ref = c.decode(tc)            # the CPU's logits, to judge a disagreement
+        tg = g.decode_argmax(tg)      # greedy on the device: 4 bytes back
+        tc = int(np.argmax(ref))
+    if tg != tc:
+        # Allowed only where the CPU's own choice is within bf16 noise of the GPU's.
+        ref_last = ref if matched else lc
+        gap = float(ref_last[tc] - ref_last[tg])
+        assert gap <= TOL * float(np.max(np.abs(ref_last))), \
+            f"greedy tokens differ at step {matched} ({tg} vs {tc}) with a clear CPU margin {gap:.3g}"
+    assert matched >= 5, f"only {matched} greedy tokens agree"
+
+
+def test_decode_argmax_equals_argmax_of_decode(tmp_path):
+    cfg, table = checkpoint(tmp_path, "hd128", seed=2)
+    a, b = gpu(cfg, table), gpu(cfg, table)
+    ids = prompt(10, cfg["vocab_size"], seed=2)
+    ta, tb = int(np.argmax(a.prefill(ids))), int(np.argmax(b.prefill(ids)))
+    assert ta == tb
+    for _ in range(12):
+        ta = a.decode_argmax(ta)
+        logits = b.decode(tb)
+        tb = int(np.argmax(logits))
+        assert ta == tb
+
+
+def test_kv_cache_across_turns_with_truncate(tmp_path):
+    cfg, table = checkpoint(tmp_path, "group6-hd64", seed=5)
+    g, c = gpu(cfg, table), cpu(cfg, table)
+    V = cfg["vocab_size"]
+    turn1, turn2 = prompt(18, V, seed=6), prompt(9, V, seed=7)
+    worst = rel(g.prefill(turn1), c.prefill(turn1))
+    for t in (3, 1, 4, 1):
+        worst = max(worst, rel(g.decode(t), c.decode(t)))
+    g.truncate(11)
+    c.truncate(11)
+    assert g.length == c.length == 11
+    worst = max(worst, rel(g.prefill(turn2, all_logits=True), c.prefill(turn2, all_logits=True)))
+    for t in (5, 9, 2):
+        worst = max(worst, rel(g.decode(t), c.decode(t)))
+    assert worst < TOL, worst
+    # The truncated cache is the cache of the kept prefix: a fresh run of the same tokens agrees bit for bit
+    # except for the order of GPU work, so within bf16 noise.
+    fresh = gpu(cfg, table)
+    fresh.prefill(turn1[:11] + turn2)
+    g2 = gpu(cfg, table)
+    g2.prefill(turn1)
+    g2.truncate(11)
+    g2.prefill(turn2)
+    assert rel(g2.decode(5), fresh.decode(5)) < TOL
+    g.reset()
+    c.reset()
+    assert g.length == 0
+    assert rel(g.prefill(turn2), c.prefill(turn2)) < TOL
+
+
+def test_long_context_uses_split_kv(tmp_path):
+    # Decode over a long cache: the split-KV kernel runs several splits and merges them.
+    cfg, table = checkpoint(tmp_path, "gqa2-tied", seed=8, max_position_embeddings=1024)
+    n = 60 if EMULATED else 700  # > 512: the prompt is also prefilled in two chunks on the GPU
+    g, c = gpu(cfg, table, max_context=1024), cpu(cfg, table, max_context=1024)
+    ids = prompt(n, cfg["vocab_size"], seed=9)
+    worst = rel(g.prefill(ids), c.prefill(ids))
+    tok = 1
+    for _ in range(6):
+        a, b = g.decode(tok), c.decode(tok)
+        worst = max(worst, rel(a, b))
+        tok = int(np.argmax(b))
+    assert worst < TOL, worst
+
+
+@pytest.mark.parametrize("mode", ["gemv", "cublas"])
+def test_graph_replay_is_identical_to_eager(tmp_path, monkeypatch, mode):
+    monkeypatch.setenv("QWEN_NATIVE_GEMV", mode)  # no timing: both models must pick the same kernels
+    cfg, table = checkpoint(tmp_path, "group6-hd64", seed=10)
+    monkeypatch.setenv("QWEN_NATIVE_CUDA_GRAPH", "1")
+    with_graph = gpu(cfg, table)
+    monkeypatch.setenv("QWEN_NATIVE_CUDA_GRAPH", "0")
+    eager = gpu(cfg, table)
+    assert "CUDA graph on" in with_graph.backend and "CUDA graph off" in eager.backend
+    ids = prompt(15, cfg["vocab_size"], seed=11)
+    np.testing.assert_array_equal(with_graph.prefill(ids), eager.prefill(ids))
+    launches = _lib.qwen_cuda_emu_graph_launches() if EMULATED else None
+    tok = 7
+    for step in range(20):
+        a, b = with_graph.decode(tok), eager.decode(tok)
+        np.testing.assert_array_equal(a, b, err_msg=f"decode step {step}")
+        tok = int(np.argmax(a))
+    ta = tb = tok
+    for _ in range(5):
+        ta, tb = with_graph.decode_argmax(ta), eager.decode_argmax(tb)
+        assert ta == tb
+    if EMULATED:
+        # the first decode step runs eagerly (it sizes and times things), every later one replays the graph
+        assert _lib.qwen_cuda_emu_graph_launches() - launches == 20 - 1 + 5
+
+
+def test_bad_inputs_raise_as_on_cpu(tmp_path):
+    cfg, table = checkpoint(tmp_path, "gqa2-tied", max_position_embeddings=64)
+    m = gpu(cfg, table)
+    V = cfg["vocab_size"]
+    for bad in ([-1], [V], [2**40]):
+        with pytest.raises(IndexError, match="outside the vocabulary"):
+            m.prefill(bad)
+    with pytest.raises(ValueError, match="empty"):
+        m.prefill([])
+    for bad in (-1, V):
+        with pytest.raises(IndexError):
+            m.decode(bad)
+        with pytest.raises(IndexError):
+            m.decode_argmax(bad)
+    assert m.length == 0
+    with pytest.raises(IndexError, match="do not fit"):
+        m.prefill([1] * 65)
+    m.prefill([1] * 63)
+    m.decode_argmax(2)
+    with pytest.raises(IndexError):
+        m.decode(1)
+    with pytest.raises(IndexError):
+        m.decode_argmax(1)
+    assert m.length == 64
+    m.truncate(10)
+    assert m.length == 10
+    with pytest.raises(IndexError):
+        m.truncate(11)
+    m.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        m.decode(1)
+
+
+def test_constructor_errors(tmp_path):
+    cfg, table = checkpoint(tmp_path, "gqa2-tied")
+    with pytest.raises(ValueError, match="bfloat16"):
+        core.Model(cfg, table, dtype="float32", device="cuda")
+    with pytest.raises(ValueError, match="does not exist"):
+        core.Model(cfg, table, dtype="bfloat16", device="cuda:99")
+    with pytest.raises(ValueError, match="bad device"):
+        core.Model(cfg, table, dtype="bfloat16", device="cuda:x")
+
+
+def test_out_of_memory_names_the_size(tmp_path):
+    # A KV cache of 2**24 positions × 8 layers × head_dim 256: hundreds of GB, refused before any allocation.
+    cfg, table = checkpoint(tmp_path, "gqa2-tied", head_dim=256, num_hidden_layers=8,
+                            max_position_embeddings=1 << 24)
+    with pytest.raises(RuntimeError, match=r"needs \d+ MiB of GPU memory .* but only \d+ MiB of \d+ MiB is free"):
+        gpu(cfg, table, max_context=1 << 24)
+    # and the device is still usable afterwards
+    cfg2, table2 = checkpoint(tmp_path, "mqa")
+    gpu(cfg2, table2).prefill([1, 2, 3])
