@@ -85,10 +85,12 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnArgs a) {
     for (int i = 0; i < NI; ++i) acc[rr][i] = 0.0f;
   }
 
-  // Query rows into shared memory (padding rows zero).
-  for (int idx = tid; idx < ROWS * hw; idx += kThreads) {
-    const int r = idx / hw, w = idx - r * hw;
-    Qs[idx] = r < n_rows ? reinterpret_cast<const uint32_t*>(row_q(r))[w] : 0u;
+  // Query rows into shared memory (padding rows zero); an empty decode split never reads them.
+  if (key_begin < key_end) {
+    for (int idx = tid; idx < ROWS * hw; idx += kThreads) {
+      const int r = idx / hw, w = idx - r * hw;
+      Qs[idx] = r < n_rows ? reinterpret_cast<const uint32_t*>(row_q(r))[w] : 0u;
+    }
   }
 
   for (int kt = key_begin; kt < key_end; kt += kTile) {  // block-uniform trip count
