@@ -109,7 +109,7 @@ class CudaBackend final : public Backend {
       am_i_ = static_cast<int32_t*>(device_alloc(sizeof(int32_t) * cuda::kArgmaxMaxBlocks, "argmax scratch"));
       am_counter_ = static_cast<unsigned*>(device_alloc(sizeof(unsigned), "argmax scratch"));
       am_result_ = static_cast<int32_t*>(device_alloc(sizeof(int32_t), "argmax scratch"));
-      QWEN_CUDA_CHECK(cudaMemset(am_counter_, 0, sizeof(unsigned)));
+      QWEN_CUDA_CHECK(cudaMemsetAsync(am_counter_, 0, sizeof(unsigned), stream_));
       QWEN_CUDA_CHECK(cudaMallocHost(&h_result_, sizeof(int32_t)));
     } catch (...) {
       release();
@@ -170,8 +170,14 @@ class CudaBackend final : public Backend {
     QWEN_CUDA_CHECK(cudaSetDevice(dev_));  // loader threads are new threads
     char* d = static_cast<char*>(dst.data) + at * int64_t(dtype_size(dst.dtype));
     const size_t bytes = size_t(n) * dtype_size(dst.dtype);
+    // Copies go on our stream and are waited for: the caller reuses `src` at once, and a plain cudaMemcpy (legacy
+    // stream, may return before a pageable copy lands) would not be ordered with the kernels on our stream.
+    auto copy = [&](const void* from) {
+      QWEN_CUDA_CHECK(cudaMemcpyAsync(d, from, bytes, cudaMemcpyHostToDevice, stream_));
+      QWEN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    };
     if (dst.dtype == src_dtype) {
-      QWEN_CUDA_CHECK(cudaMemcpy(d, src, bytes, cudaMemcpyHostToDevice));
+      copy(src);
       return;
     }
     // Convert on the host into this thread's buffer (2 loader threads run at once), then copy. Only f32 / f16
@@ -184,12 +190,12 @@ class CudaBackend final : public Backend {
       buf16.resize(size_t(n));
       if (src_dtype == DType::F32) for (int64_t i = 0; i < n; ++i) buf16[size_t(i)] = f32_to_bf16(s32[i]);
       else for (int64_t i = 0; i < n; ++i) buf16[size_t(i)] = f32_to_bf16(f16_to_f32(s16[i]));
-      QWEN_CUDA_CHECK(cudaMemcpy(d, buf16.data(), bytes, cudaMemcpyHostToDevice));
+      copy(buf16.data());
     } else if (dst.dtype == DType::F32) {
       buf32.resize(size_t(n));
       if (src_dtype == DType::BF16) for (int64_t i = 0; i < n; ++i) buf32[size_t(i)] = bf16_to_f32(s16[i]);
       else for (int64_t i = 0; i < n; ++i) buf32[size_t(i)] = f16_to_f32(s16[i]);
-      QWEN_CUDA_CHECK(cudaMemcpy(d, buf32.data(), bytes, cudaMemcpyHostToDevice));
+      copy(buf32.data());
     } else {
       throw std::invalid_argument("the CUDA backend does not store F16 tensors");
     }
@@ -365,7 +371,8 @@ class CudaBackend final : public Backend {
       attn_part_o_ = device_alloc(part_o * 4, "attention scratch");
       attn_part_ml_ = device_alloc(part_ml * 4, "attention scratch");
       attn_counters_ = device_alloc(counters * 4, "attention scratch");
-      QWEN_CUDA_CHECK(cudaMemset(attn_counters_, 0, counters * 4));
+      // On our stream: cudaMemset would run on the legacy stream, unordered with our non-blocking one.
+      QWEN_CUDA_CHECK(cudaMemsetAsync(attn_counters_, 0, counters * 4, stream_));
       attn_part_o_cap_ = part_o;
       attn_part_ml_cap_ = part_ml;
       attn_counters_cap_ = counters;
@@ -520,7 +527,7 @@ class CudaBackend final : public Backend {
     if (size_t(n) > tune_cap_) {
       free_scratch(tune_out_);
       tune_out_ = device_alloc(size_t(n) * 4, "GEMV timing scratch");
-      QWEN_CUDA_CHECK(cudaMemset(tune_out_, 0, size_t(n) * 4));
+      QWEN_CUDA_CHECK(cudaMemsetAsync(tune_out_, 0, size_t(n) * 4, stream_));
       tune_cap_ = size_t(n);
     }
     const bool f32 = out.dtype == DType::F32;

@@ -248,6 +248,7 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorNotPermitted: return "cudaErrorNotPermitted";
     default: return "cudaErrorUnknown";
   }
 }
@@ -258,6 +259,7 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorNotPermitted: return "emulator: legacy-stream cudaMemset/cudaMemcpy are unordered with the backend's stream";
     default: return "emulated error";
   }
 }
@@ -315,14 +317,21 @@ cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total_b) {
   return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int v, size_t n) {
-  if (cudaError_t e = refuse_in_capture()) return e;
+  // The legacy default stream: unordered with the backend's non-blocking stream on a GPU, so the backend must
+  // not use it for anything its kernels depend on. Refused here so that such a use cannot pass unnoticed.
+  (void)p, (void)v, (void)n;
+  return emu::fail(cudaErrorNotPermitted);
+}
+cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
   if (!in_device(p, n)) return emu::fail(cudaErrorInvalidValue);
-  std::memset(p, v, n);
+  if (emu::capturing()) emu::record([=] { std::memset(p, v, n); });
+  else std::memset(p, v, n);
   return cudaSuccess;
 }
-cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
-  if (cudaError_t e = refuse_in_capture()) return e;
-  return copy_checked(dst, src, n, kind);
+cudaError_t cudaMemcpy(void*, const void*, size_t, cudaMemcpyKind) {
+  // Likewise: a pageable host-to-device cudaMemcpy may return before its DMA lands, and the legacy stream it
+  // runs on is unordered with the backend's non-blocking stream. The backend copies on its own stream.
+  return emu::fail(cudaErrorNotPermitted);
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t) {
   if (emu::capturing()) {

@@ -69,7 +69,7 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, void* /*stream*/, void (*ker
 enum cudaError_t {
   cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorNoDevice = 100,
   cudaErrorInvalidConfiguration = 9, cudaErrorStreamCaptureUnsupported = 900, cudaErrorStreamCaptureInvalidated = 901,
-  cudaErrorLaunchOutOfResources = 701, cudaErrorIllegalAddress = 700,
+  cudaErrorLaunchOutOfResources = 701, cudaErrorIllegalAddress = 700, cudaErrorNotPermitted = 800,
 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2, cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4 };
 enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal = 0, cudaStreamCaptureModeThreadLocal = 1, cudaStreamCaptureModeRelaxed = 2 };
@@ -121,3 +121,4 @@ cudaError_t cudaGraphLaunch(cudaGraphExec_t, cudaStream_t);
 // As cuda_runtime.h: typed overloads.
 template <class T> cudaError_t cudaMalloc(T** p, size_t n) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
 template <class T> cudaError_t cudaMallocHost(T** p, size_t n) { return cudaMallocHost(reinterpret_cast<void**>(p), n); }
+cudaError_t cudaMemsetAsync(void*, int, size_t, cudaStream_t);
