@@ -6,7 +6,7 @@
 #
 # 1. facts: GPU, driver, nvcc, cuBLAS wheel, torch            4. a random-weights checkpoint with Qwen2.5-1.5B's config
 # 2. build + install with QWEN_NATIVE_CUDA=ON (no isolation)  5. bench/gpu_bench.py: ours in 4 modes + transformers peers
-# 3. pytest -m cuda tests/test_cuda.py                        6. bench/bench.py --device cuda (if time is left)
+# 3. pytest -m cuda tests/ (tests/test_cuda.py)              6. bench/bench.py --device cuda (if time is left)
 # Then a short table last. Full logs go to $OUT (or .out/gpu_check): at most 8 files, as the device tool returns.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,11 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   for c in /opt/torch/.venv/bin/python3 python3 python; do
     if command -v "$c" >/dev/null 2>&1; then PY=$(command -v "$c"); break; fi
+  done
+fi
+if ! command -v nvcc >/dev/null 2>&1; then
+  for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+    if [ -x "$d/nvcc" ]; then export PATH="$d:$PATH"; break; fi
   done
 fi
 BUDGET=${GPU_CHECK_BUDGET_S:-450}   # stop starting new stages after this many seconds (the call's limit is 8 min)
@@ -93,12 +98,13 @@ if ! grep -q "cuda_available True" "$OUT/import.txt"; then
 fi
 
 # --- 3. tests ----------------------------------------------------------------------------------------------------
-say "pytest -m cuda tests/test_cuda.py"
-timeout 240 "$PY" -m pytest -m cuda -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -rfEs \
-  --durations=5 > "$OUT/pytest.log" 2>&1
+say "pytest -m cuda tests/"
+timeout 240 "$PY" -m pytest -m cuda -q -p no:cacheprovider -o addopts="" --continue-on-collection-errors -rfEs \
+  --durations=5 tests/ > "$OUT/pytest.log" 2>&1
 TEST_RC=$?
 TEST_LINE=$(tail -1 "$OUT/pytest.log")
 say "tests: rc=$TEST_RC: $TEST_LINE"
+case "$TEST_LINE" in *passed*) ;; *) say "WARNING: no CUDA test passed (all skipped or failed): see pytest.log" ;; esac
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20 | tee -a "$SUMMARY"
 
 # --- 4. the 1.5B-shaped checkpoint -------------------------------------------------------------------------------
