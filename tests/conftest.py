@@ -1,8 +1,9 @@
 """Shared fixtures: complete tiny model directories (random Qwen2 weights from fixtures.py + the byte-level BPE
 tokenizer and Qwen2.5 chat template from tokenizer_fixture.py), a local Hugging Face cache, and loaded models.
 
-``tiny_model_dir(**kw)`` writes a fresh directory; ``tiny_dir`` / ``tiny_model`` are one shared default model (F32,
-vocab 512) for tests that only read."""
+``tiny_model_dir(**kw)`` writes a fresh directory; ``tiny_dir`` / ``tiny_model`` are one shared model (F32, vocab
+512, untied) for tests that only read. Random tied-embedding models tend to repeat the last prompt token under
+greedy decoding; pass ``tie_word_embeddings=False`` for varied output."""
 
 from __future__ import annotations
 
@@ -63,8 +64,9 @@ def tiny_model_dir(tmp_path: pathlib.Path) -> Callable[..., pathlib.Path]:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """One default tiny model directory (F32, vocab 512) shared by the whole session. Do not modify it."""
-    return build_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+    """One tiny model directory (F32, vocab 512, untied lm_head so greedy output varies instead of repeating the
+    last prompt token) shared by the whole session. Do not modify it."""
+    return build_model_dir(tmp_path_factory.mktemp("tiny") / "model", tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="session")

@@ -119,6 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: List[str]) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        try:  # a terminal that cannot show some characters gets '?' rather than a crash mid-answer
+            stream.reconfigure(errors="replace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
     try:
         args = build_parser().parse_args(argv)
     except _ArgError as e:

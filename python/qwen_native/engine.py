@@ -227,6 +227,8 @@ class Model:
         if not eos and tokenizer.eos_token_id is not None:
             eos = (tokenizer.eos_token_id,)
         self.eos_token_ids: Tuple[int, ...] = eos
+        # Read once: the native model refuses even property reads while another thread is computing.
+        self._max_context = int(core.max_context)
         self._cached: List[int] = []     # the ids whose keys/values are in core's KV cache, in order
         self._lock = threading.Lock()
         self._owner: Optional[int] = None
@@ -245,7 +247,7 @@ class Model:
     @property
     def max_context(self) -> int:
         """Positions in the KV cache: prompt + generated tokens must fit."""
-        return int(self.core.max_context)
+        return self._max_context
 
     @property
     def num_threads(self) -> int:
