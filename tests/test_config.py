@@ -15,7 +15,8 @@ from qwen_native.errors import ConfigError
 
 def test_base_config_parses():
     c = parse_config(make_config())
-    assert (c.vocab_size, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (300, 64, 4, 2, 16)
+    assert (c.vocab_size, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == \
+        (300, 64, 4, 2, 16)
     assert c.tie_word_embeddings is True and c.rope_theta == 10000.0 and c.eos_token_id == (257,)
     core = c.to_core_dict()
     assert core["head_dim"] == 16 and set(core) >= {"vocab_size", "rms_norm_eps", "tie_word_embeddings"}

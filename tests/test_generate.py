@@ -427,3 +427,50 @@ def test_close(tiny_model_dir):
     assert m.closed and "closed" in repr(m)
     with pytest.raises(RuntimeError, match="closed"):
         m.generate("hi")
+
+
+def test_dropped_stream_frees_the_model_at_once(tiny_model, baseline):
+    """A stream dropped unfinished releases the model immediately (no reference cycle waiting for the GC), so
+    another thread can use it."""
+    import gc
+
+    gc.disable()
+    try:
+        s = tiny_model.generate("Tell me a story", max_new_tokens=24, stream=True, **GREEDY)
+        next(s)
+        del s
+        out = []
+        t = threading.Thread(daemon=True, target=lambda: out.append(
+            tiny_model.generate("Tell me a story", max_new_tokens=24, **GREEDY).token_ids))
+        t.start()
+        t.join(timeout=30)
+        assert not t.is_alive() and out == [baseline.token_ids]
+    finally:
+        gc.enable()
+
+
+def test_interrupt_between_steps_frees_the_model(tiny_model, baseline, monkeypatch):
+    """Ctrl-C that lands in generate()'s own loop, between two steps of the generation (not inside it), still
+    frees the model at once, even while the traceback (which keeps generate's frame) is alive."""
+    calls = [0]
+
+    def interrupted_next(gen):
+        out = next(gen)
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt  # the generation is suspended at a yield right now
+        return out
+
+    monkeypatch.setattr(engine, "next", interrupted_next, raising=False)
+    try:
+        tiny_model.generate("Tell me a story", max_new_tokens=24, **GREEDY)
+    except KeyboardInterrupt as e:
+        kept = e  # noqa: F841 - keep the traceback alive
+    monkeypatch.delattr(engine, "next")
+    assert calls[0] == 3
+    out = []
+    t = threading.Thread(daemon=True, target=lambda: out.append(
+        tiny_model.generate("Tell me a story", max_new_tokens=24, **GREEDY).token_ids))
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive() and out == [baseline.token_ids]

@@ -38,7 +38,7 @@ _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 # Chat templates
 
 
-def _make_environment():
+def _make_environment() -> Any:
     import jinja2
     import jinja2.ext
     import jinja2.utils

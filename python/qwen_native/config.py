@@ -11,7 +11,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -252,7 +252,7 @@ def parse_generation_config(d: Optional[Mapping[str, Any]], config: Optional[Qwe
     src = source
     base = GenerationDefaults()
 
-    def num(key: str, default: Any, check, what: str) -> Any:
+    def num(key: str, default: Any, check: Callable[[Any], bool], what: str) -> Any:
         v = d.get(key)
         if v is None:
             return default

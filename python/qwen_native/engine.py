@@ -12,11 +12,11 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, Generator, Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Dict, FrozenSet, Generator, Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
-from . import _core
+from . import _core  # type: ignore[attr-defined]  # the compiled extension
 from .chat import ChatTokenizer, Message
 from .checkpoint import checkpoint_dtype, tensor_table
 from .config import GenerationDefaults, Qwen2Config, load_config, load_generation_config
@@ -74,7 +74,9 @@ class GenerationStream(Iterator[str]):
 
     def __init__(self, model: "Model", plan: "_Plan"):
         self.result: Optional[GenerationResult] = None
-        self._gen = model._run(plan, self)
+        # A weak reference: the generator must not keep its stream alive (a cycle would hold the model's lock
+        # until the garbage collector ran).
+        self._gen = model._run(plan, weakref.ref(self))
 
     def __iter__(self) -> "GenerationStream":
         return self
@@ -105,7 +107,7 @@ class _Plan:
     seed: Optional[int]
     max_new_tokens: int
     stops: Tuple[str, ...]
-    eos: frozenset
+    eos: FrozenSet[int]
     t0: float
 
 
@@ -280,7 +282,7 @@ class Model:
 
     # -- locking ----------------------------------------------------------------------------------------------------
 
-    def _acquire(self, stream: Optional[GenerationStream] = None) -> None:
+    def _acquire(self, stream: Optional["weakref.ReferenceType[GenerationStream]"] = None) -> None:
         me = threading.get_ident()
         if not self._lock.acquire(blocking=False):
             if self._owner == me:
@@ -293,7 +295,7 @@ class Model:
             else:
                 self._lock.acquire()
         self._owner = me
-        self._stream_ref = weakref.ref(stream) if stream is not None else None
+        self._stream_ref = stream
 
     def _release(self) -> None:
         self._owner = None
@@ -353,6 +355,8 @@ class Model:
                 next(gen)
         except StopIteration as done:
             return done.value
+        finally:
+            gen.close()  # on any exception (Ctrl-C included), free the model now, not when gen is collected
 
     def _plan(self, prompt: Prompt, *, max_new_tokens: Optional[int], temperature: Optional[float],
               top_k: Optional[int], top_p: Optional[float], min_p: Optional[float],
@@ -397,7 +401,8 @@ class Model:
         return _Plan(ids=ids, params=params, seed=None if seed is None else int(seed), max_new_tokens=max_new,
                      stops=stops, eos=frozenset(self.eos_token_ids), t0=t0)
 
-    def _run(self, plan: _Plan, stream: Optional[GenerationStream]) -> Generator[str, None, GenerationResult]:
+    def _run(self, plan: _Plan, stream: Optional["weakref.ReferenceType[GenerationStream]"]
+             ) -> Generator[str, None, GenerationResult]:
         """The generation loop: yields text pieces, returns the result."""
         self._acquire(stream)
         core = self.core
@@ -629,7 +634,7 @@ def generate(prompt: Prompt, model: Union[PathLike, Model] = DEFAULT_MODEL, *,
         m = _cached_model(model, revision=revision, device=device, dtype=dtype, max_context=max_context,
                           num_threads=num_threads, local_files_only=local_files_only, cache_dir=cache_dir,
                           token=token)
-    return m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      min_p=min_p, repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
-                      do_sample=do_sample, seed=seed, stop=stop, stream=stream,  # type: ignore[call-overload]
-                      system=system, chat_template=chat_template)
+    return m.generate(  # type: ignore[call-overload,misc]
+        prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n, do_sample=do_sample, seed=seed,
+        stop=stop, stream=stream, system=system, chat_template=chat_template)

@@ -217,11 +217,14 @@ def _resolve_hub(repo_id: str, revision: Optional[str], local_files_only: Option
     generation_config = hub.get("generation_config.json", required=False)
 
     weights: List[str]
+    single: Optional[str] = None
     try:
         single = hub.get(SINGLE_FILE, missing_error=CheckpointError)
-        assert single is not None
+    except CheckpointError as e:
+        no_single = str(e)
+    if single is not None:
         weights = [single]
-    except CheckpointError as no_single:
+    else:
         try:
             index = hub.get(INDEX_FILE, missing_error=CheckpointError)
         except CheckpointError:
