@@ -474,3 +474,20 @@ def test_interrupt_between_steps_frees_the_model(tiny_model, baseline, monkeypat
     t.start()
     t.join(timeout=30)
     assert not t.is_alive() and out == [baseline.token_ids]
+
+
+def test_public_api():
+    for name in ("generate", "load", "Model", "GenerationResult", "GenerationStream", "__version__",
+                 "QwenNativeError", "CheckpointError", "ConfigError", "TemplateError", "ModelNotFoundError"):
+        assert hasattr(qwen_native, name) and name in qwen_native.__all__
+    assert issubclass(qwen_native.ConfigError, ValueError) and issubclass(qwen_native.TemplateError, ValueError)
+    assert qwen_native.Model.generate.__doc__ and qwen_native.load.__doc__ and qwen_native.generate.__doc__
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_dir):
+    from qwen_native import _core
+
+    if _core.cuda_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises((RuntimeError, ValueError), match="(?i)cuda"):
+        qwen_native.load(tiny_dir, device="cuda")
