@@ -336,6 +336,14 @@ def summarize(res: Dict[str, Any], e: Dict[str, Any], cfg, N: int, M: int, bandw
     res["ttft_s_median"] = med(res["ttft_s"])
     res["decode_tok_s"] = M / med(res["decode_s"])
     res["prefill_gflops"] = prefill_flops(cfg, N) / med(res["prefill_s"]) / 1e9
+    res["prefill_tok_s_best"] = N / min(res["prefill_s"])
+    res["decode_tok_s_best"] = M / min(res["decode_s"])
+    res["ttft_s_best"] = min(res["ttft_s"])
+    if res.get("first_prefill_after_load_s") is not None:
+        res["load_to_first_token_s"] = res["load_s"][-1] + res["first_prefill_after_load_s"]
+    # repeats that disagree by more than 15% of their median: something else was using the machine
+    res["noisy"] = [k for k in ("prefill_s", "ttft_s", "decode_s")
+                    if len(res[k]) > 1 and (max(res[k]) - min(res[k])) > 0.15 * med(res[k])]
     bpt = e.get("bytes_per_token")
     if bpt is None and e.get("dtype") in DTYPE_BYTES:
         bpt = bytes_per_token(cfg, e["dtype"])
@@ -369,7 +377,7 @@ def agreement(tokens: Optional[List[int]], ref: Optional[List[int]]) -> str:
 
 
 def table(rows: List[Dict[str, Any]], cuda: bool) -> str:
-    head = ["engine", "dtype", "load s", "prefill tok/s", "GFLOP/s", "TTFT ms", "decode tok/s", "GB/token", "GB/s",
+    head = ["engine", "dtype", "load s", "load→1st tok s", "prefill tok/s", "GFLOP/s", "TTFT ms", "decode tok/s", "GB/token", "GB/s",
             "% roofline", "peak GPU GB" if cuda else "peak RSS GB", "load1", "others' CPU", "same greedy"]
     lines = []
     for r in rows:
@@ -381,9 +389,12 @@ def table(rows: List[Dict[str, Any]], cuda: bool) -> str:
         mem = r.get("peak_device_bytes") if cuda else r.get("peak_rss_bytes")
         frac = r.get("fraction_of_roofline")
         oc = r.get("other_cpu")
+        noisy = r.get("noisy") or []
+        star = lambda k: "*" if k in noisy else ""  # noqa: E731
         lines.append([
-            r["engine"], r.get("dtype", "-"), fmt(r["load_s_median"]), fmt(r["prefill_tok_s"]),
-            fmt(r["prefill_gflops"]), fmt(r["ttft_s_median"] * 1e3), fmt(r["decode_tok_s"]),
+            r["engine"], r.get("dtype", "-"), fmt(r["load_s_median"]), fmt(r.get("load_to_first_token_s")),
+            fmt(r["prefill_tok_s"]) + star("prefill_s"), fmt(r["prefill_gflops"]),
+            fmt(r["ttft_s_median"] * 1e3) + star("ttft_s"), fmt(r["decode_tok_s"]) + star("decode_s"),
             fmt(r["bytes_per_token"] / 1e9 if r.get("bytes_per_token") else None), fmt(r.get("achieved_gbs")),
             f"{frac * 100:.1f}%" if frac is not None else "-", fmt(mem / 1e9 if mem else None),
             fmt(r.get("load1_median")), f"{oc * 100:.0f}%" if oc is not None else "-", r.get("agree", "-")])
@@ -601,6 +612,9 @@ def summary_lines(rows, meta, bandwidth, cuda) -> List[str]:
                        f"prefill {r['prefill_tok_s'] / peer['prefill_tok_s']:.2f}×, "
                        f"TTFT {peer['ttft_s_median'] / r['ttft_s_median']:.2f}× faster, "
                        f"load {peer['load_s_median'] / r['load_s_median']:.2f}× faster")
+    if any(r.get("noisy") for r in rows if r.get("status") == "ok"):
+        out.append("* its repeats differ by more than 15% of the median: the machine was not quiet (see others' CPU); "
+                   "the JSON keeps every repeat and the best (*_best)")
     failed = [r for r in rows if r.get("status") != "ok"]
     for r in failed:
         out.append(f"{r['engine']} {r.get('dtype', '')}: {r.get('status')} — {(r.get('error') or '').strip()}")
