@@ -187,7 +187,7 @@ class CpuBackend final : public Backend {
         for (int64_t r = 0; r < m; ++r) K_.bf16_to_f32(w.row<uint16_t>(t0 + r), tile.data() + r * k, k);
         sgemm_nt(T, m, k, x.ptr<float>(), x.ld, tile.data(), k, o + (t0 - r0), out.ld, beta, K_);
       }
-    });
+    }, /*chunks_per_thread=*/2);
   }
 
   void rope(const Tensor& q, const Tensor& k, int64_t head_dim, const Tensor& cos, const Tensor& sin) override {
@@ -222,20 +222,19 @@ class CpuBackend final : public Backend {
                  int64_t num_kv_heads, int64_t head_dim, int64_t max_positions) override {
     const int64_t T = q.rows, heads = q.cols / head_dim, group = heads / num_kv_heads;
     const float scale = 1.0f / std::sqrt(float(head_dim));
-    // Work items: (head, block of query rows). Later rows see more positions, so items are handed out dynamically.
-    const int64_t rows_per_item = 16, blocks = (T + rows_per_item - 1) / rows_per_item, items = heads * blocks;
-    std::atomic<int64_t> next{0};
-    pool_.run([&](int tid) {
+    // Work items: (head, block of query rows), claimed one at a time: later rows see more positions.
+    const int64_t rows_per_item = 16, blocks = (T + rows_per_item - 1) / rows_per_item;
+    pool_.parallel_for(heads * blocks, 1, [&](int64_t i0, int64_t i1, int tid) {
       std::vector<float>& scores = scratch_[size_t(tid)];
       if (scores.size() < size_t(pos0_ + T)) scores.resize(size_t(max_positions));
-      for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      for (int64_t it = i0; it < i1; ++it) {
         const int64_t h = it % heads, t0 = (it / heads) * rows_per_item, n = std::min(rows_per_item, T - t0);
         const int64_t g = h / group;
         K_.attend(q.row<float>(t0) + h * head_dim, q.ld, n, k_cache.row<float>(g * max_positions),
                   v_cache.row<float>(g * max_positions), pos0_ + t0 + 1, head_dim, scale, scores.data(),
                   out.row<float>(t0) + h * head_dim, out.ld);
       }
-    });
+    }, /*chunks_per_thread=*/1 << 20);
   }
 
   void silu_mul(const Tensor& out, const Tensor& gate_up) override {

@@ -1,11 +1,14 @@
-// A fixed set of threads kept alive for the model's lifetime: ops hand them work without creating threads, and
-// idle workers spin briefly (ops follow each other within microseconds) before sleeping on a futex.
+// A fixed set of threads kept alive for the model's lifetime: ops hand them work without creating threads. Work
+// is split into chunks that threads claim as they go, so a thread the OS preempts (another process on the core)
+// delays a matmul by one chunk, not by its whole share. Idle workers spin briefly (ops follow each other within
+// microseconds), then sleep on a futex.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace qwen {
@@ -19,36 +22,37 @@ class ThreadPool {
 
   int size() const { return n_; }
 
-  // Calls fn(i) for every i in [0, size()), the caller running i = 0; returns when all are done.
+  // Calls fn(begin, end, thread_index) over chunks covering [0, n): chunk sizes are multiples of `align` (the last
+  // may be shorter), about `chunks_per_thread` per thread. thread_index is in [0, size()) and no two concurrent
+  // calls share one, so it can index per-thread scratch. Returns when every chunk is done.
   template <class F>
-  void run(F&& fn) {
-    using Fn = std::remove_reference_t<F>;
-    run_impl([](void* ctx, int i) { (*static_cast<Fn*>(ctx))(i); }, &fn);
-  }
-
-  // Splits [0, n) into size() contiguous ranges (multiples of `align` except the last) and calls
-  // fn(begin, end, thread_index) for each non-empty one.
-  template <class F>
-  void parallel_for(int64_t n, int64_t align, F&& fn) {
+  void parallel_for(int64_t n, int64_t align, F&& fn, int chunks_per_thread = 8) {
+    if (n <= 0) return;
     if (n_ == 1 || n <= align) { fn(int64_t(0), n, 0); return; }
-    const int64_t blocks = (n + align - 1) / align;
-    run([&](int i) {
-      const int64_t b0 = blocks * i / n_, b1 = blocks * (i + 1) / n_;
-      const int64_t lo = std::min(n, b0 * align), hi = std::min(n, b1 * align);
-      if (lo < hi) fn(lo, hi, i);
-    });
+    const int64_t target = std::max<int64_t>(1, int64_t(n_) * chunks_per_thread);
+    const int64_t chunk = std::max<int64_t>(align, (n / target + align - 1) / align * align);
+    using Fn = std::remove_reference_t<F>;
+    run_chunks([](void* ctx, int64_t lo, int64_t hi, int tid) { (*static_cast<Fn*>(ctx))(lo, hi, tid); }, &fn, n,
+               chunk);
   }
 
  private:
-  void run_impl(void (*fn)(void*, int), void* ctx);
+  using ChunkFn = void (*)(void*, int64_t, int64_t, int);
+  void run_chunks(ChunkFn fn, void* ctx, int64_t n, int64_t chunk);
+  void claim_chunks(int tid);
   void worker(int index);
+  void wake_all();
 
   int n_;
   std::vector<std::thread> threads_;
-  void (*fn_)(void*, int) = nullptr;
+  // The current job. Written by the caller before it opens the job; read by workers only while they hold a claim.
+  ChunkFn fn_ = nullptr;
   void* ctx_ = nullptr;
-  std::atomic<uint32_t> generation_{0};
-  std::atomic<int> pending_{0};
+  int64_t items_ = 0, chunk_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::atomic<uint32_t> state_{0};  // (job generation << 1) | open; 32 bits so wait() is a plain futex
+  std::atomic<int> claims_{0};      // workers currently inside a job
+  std::atomic<int> sleepers_{0};    // workers blocked in futex_wait on state_
   std::atomic<bool> stop_{false};
 };
 
