@@ -143,7 +143,7 @@ static void prepare_x_bf16(const float* x, int64_t k, float* xs) {
 static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* x, const float* xs, int64_t k, float* y,
                       const float* bias, bool accumulate, int64_t r0, int64_t r1) {
   int64_t r = r0;
-  const int64_t kb = kPairBlock > 1 ? k / kPairBlock * kPairBlock : 0;
+  [[maybe_unused]] const int64_t kb = kPairBlock > 1 ? k / kPairBlock * kPairBlock : 0;
 #if defined(__AVX512F__)
   const __m512i hi_mask = _mm512_set1_epi32(int32_t(0xffff0000u));
   for (; r + 4 <= r1; r += 4) {
