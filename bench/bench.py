@@ -595,6 +595,16 @@ def main(argv=None) -> int:
     return 0 if ok or not wanted_ours else 1
 
 
+def same_class(peer_dtype: Optional[str], ours_dtype: str) -> bool:
+    """Which peers ours in `ours_dtype` is compared with in the summary: the same dtype; for GGUF files, F32 beside
+    float32 and everything narrower (F16, BF16, quantised) beside bfloat16."""
+    if peer_dtype == ours_dtype:
+        return True
+    if peer_dtype and peer_dtype.startswith("gguf "):
+        return (peer_dtype == "gguf F32") == (ours_dtype == "float32")
+    return False
+
+
 def summary_lines(rows, meta, bandwidth, cuda) -> List[str]:
     out = []
     probe = meta.get("machine_probe") or {}
@@ -635,7 +645,7 @@ def summary_lines(rows, meta, bandwidth, cuda) -> List[str]:
         for peer in rows:
             if peer is r or peer.get("status") != "ok" or peer["engine"] == "ours":
                 continue
-            if peer.get("dtype") != d and not peer["engine"].startswith("llama.cpp"):
+            if not same_class(peer.get("dtype"), d):
                 continue
             out.append(f"  vs {peer['engine']} {peer.get('dtype')}: decode {r['decode_tok_s'] / peer['decode_tok_s']:.2f}×, "
                        f"prefill {r['prefill_tok_s'] / peer['prefill_tok_s']:.2f}×, "
