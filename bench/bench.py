@@ -417,16 +417,16 @@ def markdown_table(rows: List[Dict[str, Any]], cuda: bool) -> str:
 
 # --------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Benchmark qwen-native against transformers and llama.cpp.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description="Benchmark qwen-native against transformers and llama.cpp "
+                                             "(see bench/README.md).")
     ap.add_argument("--model", required=True, help="Hugging Face model directory (or repo id)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--dtype", default=None,
                     help="float32, bfloat16 or both comma-separated (default: float32 on cpu, bfloat16 on cuda)")
     ap.add_argument("--threads", type=int, default=None, help="threads for every engine (default: usable CPUs)")
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--gen-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default 512)")
+    ap.add_argument("--gen-tokens", type=int, default=128, help="greedy tokens decoded (default 128)")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats; medians are reported (default 3)")
     ap.add_argument("--peer", action="append", default=[],
                     help="transformers | transformers-eager | transformers-sdpa | transformers-compile | "
                          "llama.cpp=FILE.gguf (repeatable)")
@@ -434,18 +434,18 @@ def parse_args(argv=None):
                     help="comma-separated subset to run, e.g. 'ours' or 'ours,llama.cpp' (default: ours + peers)")
     ap.add_argument("--json", default=None, help="write every figure (and the raw per-repeat times) here")
     ap.add_argument("--markdown", default=None, help="also write the table as Markdown here")
-    ap.add_argument("--python", default=sys.executable, help="interpreter that runs ours (and the machine probe)")
+    ap.add_argument("--python", default=sys.executable, help="interpreter that runs ours and the CPU probe (default: this one)")
     ap.add_argument("--peer-python", default=None,
                     help="interpreter that runs the peers (default: --python), e.g. a venv with torch/llama_cpp")
     ap.add_argument("--text-file", default=None, help="text to tokenize for the prompts (default: stdlib sources)")
     ap.add_argument("--bandwidth-mib", type=int, default=1024,
                     help="buffer for the bandwidth probe, MiB (0: skip the bandwidth and sgemm probes)")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine before it is stopped")
-    ap.add_argument("--compile-timeout", type=float, default=900, help="seconds for transformers-compile")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine before it is stopped (default 3600)")
+    ap.add_argument("--compile-timeout", type=float, default=900, help="seconds for transformers-compile (default 900)")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                     help="before each engine, wait up to this long for other processes to use less than "
                          "--quiet-below of the CPUs")
-    ap.add_argument("--quiet-below", type=float, default=0.10, help="CPU share counted as quiet for --wait-quiet")
+    ap.add_argument("--quiet-below", type=float, default=0.10, help="CPU share counted as quiet for --wait-quiet (default 0.10)")
     ap.add_argument("--verbose", action="store_true", help="show the workers' own output")
     args = ap.parse_args(argv)
     if args.prompt_tokens < 1 or args.gen_tokens < 1 or args.repeats < 1:
