@@ -77,6 +77,8 @@ def test_transformers5_rope_parameters():
     ({"rope_theta": 0}, "rope_theta"),
     ({"rope_theta": "big"}, "rope_theta"),
     ({"rope_theta": float("inf")}, "rope_theta"),
+    ({"rope_theta": 10 ** 400}, "rope_theta"),  # beyond the float range: was an OverflowError
+    ({"rms_norm_eps": -10 ** 400}, "rms_norm_eps"),
     ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
     ({"rms_norm_eps": 2.0}, "rms_norm_eps"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
@@ -165,6 +167,8 @@ def test_eos_falls_back_to_config():
     ({"eos_token_id": "x"}, "eos_token_id"),
     ({"eos_token_id": [100000]}, "eos_token_id"),  # outside vocab_size 300
     ({"pad_token_id": -3}, "pad_token_id"),
+    ({"temperature": 10 ** 400}, "temperature"),  # math.isfinite(10**400) raised OverflowError
+    ({"repetition_penalty": 10 ** 400}, "repetition_penalty"),
 ])
 def test_bad_generation_field_is_named(gen, field):
     cfg = parse_config(make_config())

@@ -378,6 +378,15 @@ def test_no_chat_template(tiny_model_dir):
     (dict(do_sample="yes"), TypeError, "do_sample"),
     (dict(system=5), TypeError, "system"),
     (dict(chat_template=None), TypeError, "chat_template"),
+    # (every sampling value's checks: test_sampling.py's BAD_ARGS; these are generate()'s own)
+    (dict(temperature=10 ** 400), ValueError, "temperature"),
+    (dict(repeat_last_n=None), TypeError, "repeat_last_n"),
+    (dict(max_new_tokens=True), TypeError, "max_new_tokens"),
+    (dict(max_new_tokens=10 ** 30), ValueError, "max_new_tokens"),  # beyond the context
+    (dict(stop=[""]), ValueError, "stop"),
+    (dict(stop=b"x"), TypeError, "stop"),
+    (dict(do_sample=1), TypeError, "do_sample"),
+    (dict(chat_template="no"), TypeError, "chat_template"),
 ])
 def test_bad_generate_arguments(tiny_model, kw, exc, name):
     before = tiny_model.core.length
@@ -388,10 +397,24 @@ def test_bad_generate_arguments(tiny_model, kw, exc, name):
 
 
 @pytest.mark.parametrize("prompt, exc", [(5, TypeError), ([], ValueError), ([{"role": "user"}], ValueError),
-                                         ({"role": "user", "content": "x"}, TypeError), (None, TypeError)])
+                                         ({"role": "user", "content": "x"}, TypeError), (None, TypeError),
+                                         (b"hi", TypeError), (bytearray(b"hi"), TypeError), (["hi"], TypeError),
+                                         ([{"role": "", "content": "x"}], ValueError),
+                                         ([{"role": "user", "content": 5}], TypeError),
+                                         ([{"role": "user", "content": "x", "extra": object()}], TypeError),
+                                         ("a lone surrogate \ud800", ValueError),
+                                         ([{"role": "user", "content": "\udfff"}], ValueError)])
 def test_bad_prompts(tiny_model, prompt, exc):
-    with pytest.raises(exc):
+    with pytest.raises(exc) as e:
         tiny_model.generate(prompt)
+    assert str(e.value)
+    assert tiny_model.core.length == len(tiny_model._cached)
+
+
+def test_empty_prompt_without_template(tiny_model):
+    with pytest.raises(ValueError, match="empty"):
+        tiny_model.generate("", chat_template=False)
+    assert len(tiny_model.generate("", max_new_tokens=2).token_ids) == 2  # with the template it is a user turn
 
 
 @pytest.mark.parametrize("kw, exc, name", [

@@ -156,6 +156,11 @@ BAD_ARGS = [
     ("repeat_last_n", -1, ValueError), ("repeat_last_n", 2.0, TypeError),
     ("seed", -1, ValueError), ("seed", 1.5, TypeError), ("seed", "42", TypeError),
     ("max_new_tokens", 0, ValueError), ("max_new_tokens", -3, ValueError), ("max_new_tokens", 2.5, TypeError),
+    # integers beyond the float range, bools and numpy bools
+    ("temperature", 10 ** 400, ValueError), ("top_p", 10 ** 400, ValueError), ("min_p", -10 ** 400, ValueError),
+    ("repetition_penalty", 10 ** 400, ValueError), ("top_p", "x", TypeError), ("min_p", "0", TypeError),
+    ("repetition_penalty", "1.1", TypeError), ("repeat_last_n", np.bool_(True), TypeError),
+    ("max_new_tokens", True, TypeError), ("seed", True, TypeError),
 ]
 
 
@@ -167,6 +172,31 @@ def test_invalid_argument_is_named(name, value, exc):
     with pytest.raises(exc) as e:
         check_sampling_args(**{name: value})
     assert name in str(e.value)
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=1e-300), dict(top_p=5e-324), dict(top_p=1e-17),
+                                dict(temperature=5e-324), dict(temperature=1e-300)])
+@pytest.mark.parametrize("vocab", [50, 20000])  # the sorted path and the binned one
+def test_extreme_parameters_pick_the_top_token(kw, vocab):
+    """A top_p so small that 1 - top_p rounds to 1, or a temperature so small that 1/t overflows, leaves only the
+    most likely token (it used to leave none, or NaN probabilities)."""
+    logits = np.random.default_rng(0).standard_normal(vocab).astype(np.float32)
+    params = SamplingParams(do_sample=True, **kw)
+    ids, probs = candidates(logits, params)
+    d = np.zeros(vocab)
+    d[ids] = probs
+    top = int(np.argmax(logits))
+    assert d[top] == 1.0 and d.sum() == 1.0
+    assert Sampler(params, seed=1)(logits) == top
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 5e-324, 1e300])
+def test_extreme_repetition_penalty_stays_finite(penalty):
+    logits = np.array([2.0, -3.0, 0.5, 1.0], dtype=np.float32)
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        out = apply_repetition_penalty(logits.copy(), [0, 1], penalty)
+    assert np.isfinite(out).all()
+    assert Sampler(SamplingParams(do_sample=True, repetition_penalty=penalty), seed=0)(logits, [0, 1]) in range(4)
 
 
 def test_sampling_params_validate():

@@ -164,7 +164,7 @@ def _plain(value: Any, where: str) -> Any:
 def normalize_messages(messages: Any, system: Optional[str] = None) -> List[Dict[str, Any]]:
     """Check a conversation (a list of {"role", "content"} dicts) and return plain copies with None-valued keys
     dropped (as transformers does). `system`, if given, becomes a leading system message."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+    if isinstance(messages, (str, bytes, bytearray, memoryview)) or not isinstance(messages, Sequence):
         raise TypeError(f"prompt must be a string or a list of {{'role', 'content'}} dicts, got "
                         f"{type(messages).__name__}")
     out: List[Dict[str, Any]] = []
@@ -267,14 +267,15 @@ class ChatTokenizer:
         try:
             tok = Tokenizer.from_file(os.fspath(tokenizer_json))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
-            raise TemplateError(f"cannot load {tokenizer_json}: {e}") from None
+            raise TemplateError(f"cannot load {tokenizer_json}: {e}; the file is missing, corrupt or not a 'fast' "
+                                "tokenizer (tokenizer.json of the tokenizers library): download it again") from None
         cfg: Dict[str, Any] = {}
         if tokenizer_config_json is not None:
             try:
                 with open(tokenizer_config_json, "rb") as f:
                     cfg = json.loads(f.read().decode("utf-8"))
-            except (OSError, UnicodeDecodeError, ValueError) as e:
-                raise TemplateError(f"cannot read {tokenizer_config_json}: {e}") from None
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise TemplateError(f"cannot read {tokenizer_config_json}: {type(e).__name__}: {e}") from None
             if not isinstance(cfg, dict):
                 raise TemplateError(f"{tokenizer_config_json} must hold a JSON object")
         template = None
@@ -292,7 +293,15 @@ class ChatTokenizer:
         """Token ids of `text`. Special-token text such as ``<|im_start|>`` becomes the special token."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
-        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        try:
+            return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        except TypeError:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a bad decode; tokenizers says "must be str"
+                raise ValueError(f"the text is not valid Unicode: it holds {text[e.start:e.end]!r} ({e.reason}); "
+                                 "remove or replace that character") from None
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens are left out unless `skip_special_tokens` is False."""

@@ -101,6 +101,8 @@ def read_json(path: str, what: Optional[str] = None) -> Dict[str, Any]:
         raise ConfigError(f"cannot read {what} at {path}: {e.strerror or e}") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"{what} at {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} at {path} is nested too deeply to be a model file; the file is corrupt") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} at {path} must hold a JSON object, not {type(data).__name__}")
     return data
@@ -114,6 +116,20 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _short(v: Any) -> str:
+    """repr(v), cut to a readable length (a hostile file can hold a 10,000-digit number)."""
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _to_float(v: Any) -> float:
+    """float(v), with an int too large for a float (JSON allows 1e400 written as digits) as +-inf."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
 def _size(d: Mapping[str, Any], key: str, src: str, default: Any = None) -> int:
     v = d.get(key)
     if v is None:
@@ -121,11 +137,12 @@ def _size(d: Mapping[str, Any], key: str, src: str, default: Any = None) -> int:
     if v is None:
         raise ConfigError(f"{src} is missing \"{key}\" (a positive integer); a Qwen2 config.json always has it")
     if not _is_int(v):
-        raise ConfigError(f"{src}: \"{key}\" must be an integer, got {v!r}")
+        raise ConfigError(f"{src}: \"{key}\" must be an integer, got {_short(v)}")
     if v <= 0:
-        raise ConfigError(f"{src}: \"{key}\" must be positive, got {v}")
+        raise ConfigError(f"{src}: \"{key}\" must be positive, got {_short(v)}")
     if v > _LIMITS[key]:
-        raise ConfigError(f"{src}: \"{key}\" = {v} is implausibly large (limit {_LIMITS[key]}); the file is corrupt")
+        raise ConfigError(f"{src}: \"{key}\" = {_short(v)} is implausibly large (limit {_LIMITS[key]}); the file is "
+                          "corrupt")
     return v
 
 
@@ -134,11 +151,11 @@ def _positive_float(d: Mapping[str, Any], key: str, src: str, default: float, up
     if v is None:
         v = default
     if not _is_number(v):
-        raise ConfigError(f"{src}: \"{key}\" must be a number, got {v!r}")
-    v = float(v)
+        raise ConfigError(f"{src}: \"{key}\" must be a number, got {_short(v)}")
+    v = _to_float(v)
     if not (math.isfinite(v) and 0.0 < v < upper):
         bound = f" and below {upper}" if upper != math.inf else ""
-        raise ConfigError(f"{src}: \"{key}\" must be a positive finite number{bound}, got {v!r}")
+        raise ConfigError(f"{src}: \"{key}\" must be a positive finite number{bound}, got {_short(v)}")
     return v
 
 
@@ -149,7 +166,7 @@ def _token_ids(v: Any, key: str, src: str) -> Tuple[int, ...]:
     items = v if isinstance(v, list) else [v]
     for t in items:
         if not _is_int(t) or t < 0:
-            raise ConfigError(f"{src}: \"{key}\" must be a non-negative integer or a list of them, got {v!r}")
+            raise ConfigError(f"{src}: \"{key}\" must be a non-negative integer or a list of them, got {_short(v)}")
     return tuple(dict.fromkeys(items))
 
 
@@ -161,40 +178,40 @@ def parse_config(d: Mapping[str, Any], source: str = "config.json") -> Qwen2Conf
     archs = d.get("architectures")
     if archs is not None:
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise ConfigError(f"{src}: \"architectures\" must be a list of strings, got {archs!r}")
+            raise ConfigError(f"{src}: \"architectures\" must be a list of strings, got {_short(archs)}")
         if SUPPORTED_ARCHITECTURE not in archs:
-            raise ConfigError(f"{src}: \"architectures\" is {archs!r}; only {SUPPORTED_ARCHITECTURE} (dense Qwen2 / "
-                              "Qwen2.5 models) is supported")
+            raise ConfigError(f"{src}: \"architectures\" is {_short(archs)}; only {SUPPORTED_ARCHITECTURE} "
+                              "(dense Qwen2 / Qwen2.5 models) is supported")
     model_type = d.get("model_type")
     if model_type is not None and model_type != "qwen2":
-        raise ConfigError(f"{src}: \"model_type\" is {model_type!r}; only \"qwen2\" ({SUPPORTED_ARCHITECTURE}) is "
-                          "supported")
+        raise ConfigError(f"{src}: \"model_type\" is {_short(model_type)}; only \"qwen2\" "
+                          f"({SUPPORTED_ARCHITECTURE}) is supported")
     if archs is None and model_type is None:
         raise ConfigError(f"{src} has neither \"architectures\" nor \"model_type\"; expected "
                           f"[\"{SUPPORTED_ARCHITECTURE}\"]")
     act = d.get("hidden_act", "silu")
     if act != "silu":
-        raise ConfigError(f"{src}: \"hidden_act\" is {act!r}; only \"silu\" is supported")
+        raise ConfigError(f"{src}: \"hidden_act\" is {_short(act)}; only \"silu\" is supported")
 
     # Features the core does not implement: refuse rather than compute something else.
     rope_scaling = d.get("rope_scaling")
     if rope_scaling is not None:
-        raise ConfigError(f"{src}: \"rope_scaling\" is set ({rope_scaling!r}); RoPE scaling (YaRN, dynamic, linear) "
-                          "is not supported: only plain RoPE (rope_scaling null) is")
+        raise ConfigError(f"{src}: \"rope_scaling\" is set ({_short(rope_scaling)}); RoPE scaling (YaRN, dynamic, "
+                          "linear) is not supported: only plain RoPE (rope_scaling null) is")
     rope_theta_default = 10000.0
     rope_params = d.get("rope_parameters")  # the transformers 5 spelling of rope_theta + rope_scaling
     if rope_params is not None:
         if not isinstance(rope_params, Mapping):
-            raise ConfigError(f"{src}: \"rope_parameters\" must be an object, got {rope_params!r}")
+            raise ConfigError(f"{src}: \"rope_parameters\" must be an object, got {_short(rope_params)}")
         rtype = rope_params.get("rope_type", "default")
         if rtype != "default":
-            raise ConfigError(f"{src}: \"rope_parameters.rope_type\" is {rtype!r}; only \"default\" (plain RoPE) "
+            raise ConfigError(f"{src}: \"rope_parameters.rope_type\" is {_short(rtype)}; only \"default\" (plain RoPE) "
                               "is supported")
         if "rope_theta" in rope_params:
             rope_theta_default = rope_params["rope_theta"]
     sliding = d.get("use_sliding_window", False)
     if not isinstance(sliding, bool):
-        raise ConfigError(f"{src}: \"use_sliding_window\" must be true or false, got {sliding!r}")
+        raise ConfigError(f"{src}: \"use_sliding_window\" must be true or false, got {_short(sliding)}")
     if sliding:
         raise ConfigError(f"{src}: \"use_sliding_window\" is true; sliding-window attention is not supported "
                           "(only full attention, use_sliding_window false)")
@@ -224,10 +241,10 @@ def parse_config(d: Mapping[str, Any], source: str = "config.json") -> Qwen2Conf
     eps = _positive_float(d, "rms_norm_eps", src, 1e-6, upper=1.0)
     tie = d.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
-        raise ConfigError(f"{src}: \"tie_word_embeddings\" must be true or false, got {tie!r}")
+        raise ConfigError(f"{src}: \"tie_word_embeddings\" must be true or false, got {_short(tie)}")
     bos = d.get("bos_token_id")
     if bos is not None and (not _is_int(bos) or bos < 0):
-        raise ConfigError(f"{src}: \"bos_token_id\" must be a non-negative integer, got {bos!r}")
+        raise ConfigError(f"{src}: \"bos_token_id\" must be a non-negative integer, got {_short(bos)}")
     eos = _token_ids(d.get("eos_token_id"), "eos_token_id", src)
     tdt = d.get("torch_dtype", d.get("dtype"))
     return Qwen2Config(
@@ -256,15 +273,19 @@ def parse_generation_config(d: Optional[Mapping[str, Any]], config: Optional[Qwe
         v = d.get(key)
         if v is None:
             return default
-        if not _is_number(v) or not check(v):
-            raise ConfigError(f"{src}: \"{key}\" must be {what}, got {v!r}")
+        try:
+            ok = _is_number(v) and check(v)
+        except OverflowError:  # an integer too large for a float (math.isfinite(10**400))
+            ok = False
+        if not ok:
+            raise ConfigError(f"{src}: \"{key}\" must be {what}, got {_short(v)}")
         return v
 
     do_sample = d.get("do_sample")
     if do_sample is None:
         do_sample = base.do_sample
     elif not isinstance(do_sample, bool):
-        raise ConfigError(f"{src}: \"do_sample\" must be true or false, got {do_sample!r}")
+        raise ConfigError(f"{src}: \"do_sample\" must be true or false, got {_short(do_sample)}")
     temperature = float(num("temperature", base.temperature, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"))
     top_k = num("top_k", base.top_k, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     top_p = float(num("top_p", base.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]"))
@@ -277,12 +298,12 @@ def parse_generation_config(d: Optional[Mapping[str, Any]], config: Optional[Qwe
         eos = config.eos_token_id
     bos = d.get("bos_token_id", config.bos_token_id if config is not None else None)
     if bos is not None and (not _is_int(bos) or bos < 0):
-        raise ConfigError(f"{src}: \"bos_token_id\" must be a non-negative integer, got {bos!r}")
+        raise ConfigError(f"{src}: \"bos_token_id\" must be a non-negative integer, got {_short(bos)}")
     pad = d.get("pad_token_id")
     if isinstance(pad, list):  # some files carry a list here; the first id is the one used
         pad = pad[0] if pad else None
     if pad is not None and (not _is_int(pad) or pad < 0):
-        raise ConfigError(f"{src}: \"pad_token_id\" must be a non-negative integer, got {pad!r}")
+        raise ConfigError(f"{src}: \"pad_token_id\" must be a non-negative integer, got {_short(pad)}")
     if config is not None:
         for t in eos:
             if t >= config.vocab_size:

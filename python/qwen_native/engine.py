@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _core  # type: ignore[attr-defined]  # the compiled extension
 from .chat import ChatTokenizer, Message
-from .checkpoint import checkpoint_dtype, tensor_table
+from .checkpoint import check_tensors, checkpoint_dtype, tensor_table
 from .config import GenerationDefaults, Qwen2Config, load_config, load_generation_config
 from .errors import ConfigError
 from .hub import ModelFiles, resolve
@@ -366,10 +366,12 @@ class Model:
         t0 = time.perf_counter()
         if self.core.closed:
             raise RuntimeError("this model has been closed; load it again")
+        if repeat_last_n is None:  # check_sampling_args takes None as "unset"; here 0 is the default
+            raise TypeError("repeat_last_n must be an integer >= 0 (0 = the whole context), got None")
         check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n, seed=seed,
                             max_new_tokens=max_new_tokens)
-        if do_sample is not None and not isinstance(do_sample, bool):
+        if do_sample is not None and not isinstance(do_sample, (bool, np.bool_)):
             raise TypeError(f"do_sample must be True, False or None, got {do_sample!r}")
         stops = _check_stops(stop)
         gc = self.generation_config
@@ -531,6 +533,7 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
         raise ValueError(f"max_context={max_context} is beyond the model's max_position_embeddings "
                          f"({config.max_position_embeddings})")
     table = tensor_table(files.weights)
+    check_tensors(table, config)
     if dt is None:
         if device == "cpu":
             dt = "bfloat16" if checkpoint_dtype(table) == "BF16" else "float32"

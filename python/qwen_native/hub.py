@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Type, Union
 
-from .checkpoint import index_shards
-from .config import load_config, read_json
+from .checkpoint import read_index
+from .config import load_config
 from .errors import CheckpointError, ModelNotFoundError, QwenNativeError, TemplateError
 
 __all__ = ["ModelFiles", "resolve", "is_local_path"]
@@ -111,10 +111,11 @@ def _resolve_local(directory: str, check_config: bool) -> ModelFiles:
         if index is None:
             raise CheckpointError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}; qwen_native reads "
                                   "safetensors weights only")
-        shards = index_shards(read_json(index, INDEX_FILE), index)
+        shards = read_index(index)
         missing = [s for s in shards if path(s) is None]
         if missing:
-            raise CheckpointError(f"{index} names shard(s) missing from {directory}: {', '.join(missing)}")
+            raise CheckpointError(f"{index} names shard(s) missing from {directory}: {', '.join(missing)} (an "
+                                  "incomplete download? download the missing files again)")
         weights = tuple(os.path.join(directory, s) for s in shards)
     return ModelFiles(directory=directory, config=config, tokenizer=tokenizer,
                       tokenizer_config=path("tokenizer_config.json"), chat_template=path("chat_template.jinja"),
@@ -231,7 +232,7 @@ def _resolve_hub(repo_id: str, revision: Optional[str], local_files_only: Option
             raise CheckpointError(f"{no_single}; nor {INDEX_FILE} (qwen_native reads safetensors weights "
                                   "only)") from None
         assert index is not None
-        shards = index_shards(read_json(index, INDEX_FILE), index)
+        shards = read_index(index)
         weights = []
         for shard in shards:
             p = hub.get(shard, missing_error=CheckpointError)

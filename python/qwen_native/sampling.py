@@ -35,20 +35,31 @@ IdSequence = Union[Sequence[int], np.ndarray]
 
 def _real(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
-    f = float(v)
+        raise TypeError(f"{name} must be a number, got {type(v).__name__} {_short(v)}")
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond the float range: as infinite, which every range check rejects
+        f = math.inf if v > 0 else -math.inf
     if math.isnan(f):
         raise ValueError(f"{name} must be a number, got NaN")
     return f
 
 
 def _int(name: str, v: Any) -> int:
-    if isinstance(v, bool):
+    if isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer, got bool {v!r}")
     try:
         return operator.index(v)
     except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(v).__name__} {v!r}") from None
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__} {_short(v)}") from None
+
+
+def _short(v: Any) -> str:
+    try:
+        r = repr(v)
+    except Exception:  # a repr that fails (or an int too long to print) must not replace the real error
+        r = f"<{type(v).__name__}>"
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -92,27 +103,28 @@ def check_sampling_args(*, temperature: Any = None, top_k: Any = None, top_p: An
     if temperature is not None:
         t = _real("temperature", temperature)
         if not (0.0 <= t < math.inf):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {_short(temperature)}")
     if top_k is not None and _int("top_k", top_k) < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k!r}")
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {_short(top_k)}")
     if top_p is not None:
         p = _real("top_p", top_p)
         if not 0.0 < p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {_short(top_p)}")
     if min_p is not None:
         m = _real("min_p", min_p)
         if not 0.0 <= m <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {_short(min_p)}")
     if repetition_penalty is not None:
         r = _real("repetition_penalty", repetition_penalty)
         if not (0.0 < r < math.inf):
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got "
+                             f"{_short(repetition_penalty)}")
     if repeat_last_n is not None and _int("repeat_last_n", repeat_last_n) < 0:
-        raise ValueError(f"repeat_last_n must be >= 0 (0 = the whole context), got {repeat_last_n!r}")
+        raise ValueError(f"repeat_last_n must be >= 0 (0 = the whole context), got {_short(repeat_last_n)}")
     if seed is not None and _int("seed", seed) < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ValueError(f"seed must be a non-negative integer, got {_short(seed)}")
     if max_new_tokens is not None and _int("max_new_tokens", max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+        raise ValueError(f"max_new_tokens must be >= 1, got {_short(max_new_tokens)}")
 
 
 def apply_repetition_penalty(logits: np.ndarray, context: IdSequence, penalty: float,
@@ -124,9 +136,13 @@ def apply_repetition_penalty(logits: np.ndarray, context: IdSequence, penalty: f
     ids = np.asarray(context[-last_n:] if last_n > 0 else context, dtype=np.int64)
     ids = np.unique(ids)
     ids = ids[(ids >= 0) & (ids < logits.shape[-1])]
-    vals = logits[ids]
-    p = logits.dtype.type(penalty)
-    logits[ids] = np.where(vals < 0, vals * p, vals / p)
+    # In float64, then clipped into the logits' range: an extreme penalty (1e-300, 1e300) must not turn a logit
+    # into inf or NaN.
+    vals = logits[ids].astype(np.float64)
+    with np.errstate(over="ignore", under="ignore"):
+        out = np.where(vals < 0, vals * penalty, vals / penalty)
+    big = float(np.finfo(logits.dtype).max)
+    logits[ids] = np.clip(out, -big, big)
     return logits
 
 
@@ -156,7 +172,8 @@ def _nucleus(x: np.ndarray, z: np.ndarray, top_p: float) -> np.ndarray:
         order = idx[np.argsort(-z[idx], kind="stable")]
         zs = z[order]
         above = above0 + (np.cumsum(zs) - zs)
-        return order[:int(np.count_nonzero(above < limit))]
+        # At least one token: a top_p so small that 1 - top_p rounds to 1 leaves a limit of 0.
+        return order[:max(1, int(np.count_nonzero(above < limit)))]
 
     n = z.shape[0]
     if n <= _SMALL:
@@ -192,7 +209,6 @@ def _filter(logits: np.ndarray, params: SamplingParams) -> Tuple[Optional[np.nda
     top = float(logits.max())
     if not math.isfinite(top):
         raise RuntimeError("the model produced NaN or infinite logits; the weights or the computation are broken")
-    inv_t = 1.0 / params.temperature
     k = params.top_k if 0 < params.top_k < V else 0
 
     ids: Optional[np.ndarray] = None  # None: the whole row
@@ -205,9 +221,10 @@ def _filter(logits: np.ndarray, params: SamplingParams) -> Tuple[Optional[np.nda
         row = logits
     lz = row.astype(np.float64)
     lz -= top
-    if inv_t != 1.0:
-        lz *= inv_t
-    z = np.exp(lz)  # unnormalised probabilities; the top token has 1.0
+    with np.errstate(over="ignore", under="ignore"):
+        if params.temperature != 1.0:
+            lz /= params.temperature  # divided, not multiplied by 1/t: 1/5e-324 is inf, and 0 * inf NaN
+        z = np.exp(lz)  # unnormalised probabilities; the top token has 1.0
 
     if params.top_p < 1.0:
         keep = _nucleus(row, z, params.top_p)
