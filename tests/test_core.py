@@ -72,19 +72,27 @@ def test_last_logits_default_and_decode_argmax(tmp_path):
         assert m.decode_argmax(tok) == int(np.argmax(ref[len(IDS) + step]))
 
 
+# Batched passes in bfloat16 mode on CPUs with AVX512-BF16 round the matmul inputs to bf16 (the dot-product GEMM;
+# tests/test_kernels.py checks it exactly); everything else stays float32. Their tolerance is bf16 rounding.
+BF16_PREFILL_TOL = 2e-2 if _core.isa().endswith("+bf16") else TOL
+
+
 @pytest.mark.parametrize("dtype_on_disk", ["BF16", "F32"])
 def test_bfloat16_weights_in_memory(tmp_path, dtype_on_disk):
     """bf16 in memory, f32 activations: exact widening of a bf16 checkpoint; an f32 checkpoint's matrices are
     rounded to bf16 (nearest even; norm weights and biases stay float32), so it matches the reference run on
-    those values."""
+    those values. Token-by-token decoding (GEMV only) is float32 throughout."""
     d, cfg, stored = checkpoint(tmp_path, disk_dtype=dtype_on_disk)
     rounded = stored_values(stored, "BF16")
     w = {k: rounded[k] if v.ndim == 2 else v for k, v in stored.items()}
     ref = reference_logits(w, cfg, IDS + NEXT)
     m = load(d, dtype="bfloat16")
-    assert rel_err(m.prefill(IDS, all_logits=True), ref[: len(IDS)]) < TOL
+    assert rel_err(m.prefill(IDS, all_logits=True), ref[: len(IDS)]) < BF16_PREFILL_TOL
     for step, tok in enumerate(NEXT):
-        assert rel_err(m.decode(tok), ref[len(IDS) + step]) < TOL
+        assert rel_err(m.decode(tok), ref[len(IDS) + step]) < BF16_PREFILL_TOL
+    m.reset()
+    for step, tok in enumerate(IDS + NEXT):
+        assert rel_err(m.decode(tok), ref[step]) < TOL
 
 
 def test_cached_decode_equals_full_recompute(tmp_path):
@@ -128,12 +136,12 @@ def test_thread_counts_agree(tmp_path, threads):
     """More threads than rows in some matrices (16 threads, 8 kv rows) must still split work correctly."""
     d, cfg, w = checkpoint(tmp_path, disk_dtype="BF16", num_key_value_heads=1, hidden_size=32)
     ref = reference_logits(w, cfg, IDS + NEXT[:4])
-    for dtype in ("float32", "bfloat16"):
+    for dtype, tol in (("float32", TOL), ("bfloat16", BF16_PREFILL_TOL)):
         m = load(d, num_threads=threads, dtype=dtype)
         assert m.num_threads == threads
-        assert rel_err(m.prefill(IDS, all_logits=True), ref[: len(IDS)]) < TOL
+        assert rel_err(m.prefill(IDS, all_logits=True), ref[: len(IDS)]) < tol
         for step, tok in enumerate(NEXT[:4]):
-            assert rel_err(m.decode(tok), ref[len(IDS) + step]) < TOL
+            assert rel_err(m.decode(tok), ref[len(IDS) + step]) < tol
 
 
 ISA_SCRIPT = r"""
@@ -148,16 +156,22 @@ cfg = json.load(open(d + "/config.json"))
 w = stored_values(random_weights(cfg, seed=0), "BF16")
 ids = list(range(1, 40, 3))
 ref = reference_logits(w, cfg, ids + [5, 6])
-worst = 0.0
+worst, worst_bf16_batched = 0.0, 0.0
 for dtype in ("float32", "bfloat16"):
     m = _core.Model(cfg, tensor_table(glob.glob(d + "/*.safetensors")), dtype=dtype, num_threads=2)
-    worst = max(worst, rel_err(m.prefill(ids, all_logits=True), ref[:len(ids)]))
-    worst = max(worst, rel_err(m.decode(5), ref[len(ids)]), rel_err(m.decode(6), ref[len(ids) + 1]))
-print(m.backend, worst)
+    batched = rel_err(m.prefill(ids, all_logits=True), ref[:len(ids)])
+    if dtype == "bfloat16" and _core.isa().endswith("+bf16"):
+        worst_bf16_batched = batched  # bf16 GEMM inputs: checked exactly in test_kernels.py
+    else:
+        worst = max(worst, batched)
+    m.reset()
+    for i, t in enumerate(ids + [5, 6]):
+        worst = max(worst, rel_err(m.decode(t), ref[i]))
+print(m.backend, worst, worst_bf16_batched)
 """
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "default"])
 def test_every_kernel_set_matches_reference(tmp_path, isa):
     """Each instruction-set build of the kernels, forced through QWEN_NATIVE_ISA, on widths that are not multiples
     of any vector length (hidden 40, head_dim 20, intermediate 61)."""
@@ -166,10 +180,11 @@ def test_every_kernel_set_matches_reference(tmp_path, isa):
     env = dict(os.environ, QWEN_NATIVE_ISA=isa)
     out = subprocess.run([sys.executable, "-c", ISA_SCRIPT, d, os.path.dirname(__file__)], env=env,
                          capture_output=True, text=True, check=True).stdout.split()
-    backend, worst = " ".join(out[:-1]), float(out[-1])
-    if isa not in backend:
+    backend, worst, worst_bf16_batched = " ".join(out[:-2]), float(out[-2]), float(out[-1])
+    if isa != "default" and f"({isa}," not in backend:
         pytest.skip(f"this CPU cannot run the {isa} kernels (got {backend})")
     assert worst < TOL
+    assert worst_bf16_batched < 2e-2
 
 
 def test_inputs_are_checked(tmp_path):

@@ -71,7 +71,7 @@ def test_matches_transformers(hf, dtype):
             tokens.append(nxt)
             nxt = ours.decode_argmax(nxt)
         print(f"{dtype} {prompt[:40]!r}: rel err {err:.2e}, tokens equal: {tokens == ref_tokens}")
-        # bf16 weights widen exactly, so both modes compute in float32 on identical weights; differences are
-        # summation order only.
-        assert err < 1e-4
+        # bf16 weights widen exactly, so float32 mode differs from transformers float32 by summation order only.
+        # bfloat16 mode also rounds the inputs of batched (prefill) matmuls to bf16 where the CPU has AVX512-BF16.
+        assert err < (2e-2 if dtype == "bfloat16" and _core.isa().endswith("+bf16") else 1e-4)
         assert tokens == ref_tokens

@@ -77,8 +77,11 @@ class CpuBackend final : public Backend {
 #endif
     scratch_.resize(size_t(pool_.size()));
     tiles_.resize(size_t(pool_.size()));
-    if (wdt_ == DType::BF16)
+    if (wdt_ == DType::BF16 && K_.gemm_bf16_cols) {
+      panels_.assign(size_t(pool_.size()), std::vector<uint16_t>(size_t(gemm_bf16_panel_elems())));
+    } else if (wdt_ == DType::BF16) {
       for (auto& t : tiles_) t.resize(size_t(kTileFloats));
+    }
   }
 
   ~CpuBackend() override {
@@ -168,6 +171,16 @@ class CpuBackend final : public Backend {
       });
       return;
     }
+    if (w.dtype == DType::BF16 && K_.gemm_bf16_cols) {
+      const int64_t k2 = k + (k & 1);
+      if (x16_.size() < size_t(T * k2)) x16_.resize(size_t(T * k2));  // batched passes only, grows once
+      for_rows(T, [&](int64_t t) { K_.round_rows_bf16(x.ptr<float>(), x.ld, t, t + 1, k, x16_.data()); });
+      pool_.parallel_for(n, 32, [&](int64_t r0, int64_t r1, int tid) {
+        K_.gemm_bf16_cols(x16_.data(), T, k, w.ptr<uint16_t>(), w.ld, out.ptr<float>(), out.ld, b, accumulate, r0, r1,
+                          panels_[size_t(tid)].data());
+      }, /*chunks_per_thread=*/4);
+      return;
+    }
     pool_.parallel_for(n, kRowAlign, [&](int64_t r0, int64_t r1, int tid) {
       float* o = out.ptr<float>() + r0;
       if (b && !accumulate)
@@ -177,7 +190,7 @@ class CpuBackend final : public Backend {
         sgemm_nt(T, r1 - r0, k, x.ptr<float>(), x.ld, w.row<float>(r0), w.ld, o, out.ld, beta, K_);
         return;
       }
-      // bf16 weights: widen a tile of rows at a time, then sgemm on the tile.
+      // bf16 weights without the bf16 GEMM: widen a tile of rows at a time, then sgemm on the tile.
       std::vector<float>& tile = tiles_[size_t(tid)];
       const int64_t rows_per_tile = std::max<int64_t>(kRowAlign, kTileFloats / k);
       const size_t need = size_t(std::min(rows_per_tile, r1 - r0) * k);
@@ -274,6 +287,8 @@ class CpuBackend final : public Backend {
   std::vector<std::pair<void*, size_t>> allocations_;
   std::vector<std::vector<float>> scratch_;  // per thread: attention scores
   std::vector<std::vector<float>> tiles_;    // per thread: widened bf16 weight tiles
+  std::vector<uint16_t> x16_;               // batched bf16 GEMM: the input rounded to bf16 (T × even k)
+  std::vector<std::vector<uint16_t>> panels_;  // per thread: packed weight panel of the bf16 GEMM
   std::vector<float> xs_;                    // the decode input rearranged for the bf16 GEMV (widest bf16 matrix)
   const int32_t* ids_ = nullptr;
   int64_t T_ = 0, pos0_ = 0;

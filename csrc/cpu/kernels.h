@@ -27,7 +27,19 @@ struct CpuKernels {
   // 0 .. first_len + i - 1. K, V: (positions, head_dim). scores: scratch of first_len + rows floats.
   void (*attend)(const float* q, int64_t ldq, int64_t rows, const float* K, const float* V, int64_t first_len,
                  int64_t head_dim, float scale, float* scores, float* out, int64_t ldo);
+
+  // Batched matmul with bf16 inputs and float32 accumulation (AVX512-BF16; nullptr elsewhere).
+  // round_rows_bf16: X16[r] = bf16(X[r]) for rows [r0, r1), each row padded to an even length k2 with a zero.
+  // gemm_bf16_cols: C[:, n0:n1] (=|+=) X16 · W[n0:n1]ᵀ (+ bias) for all T rows; `panel` holds
+  // gemm_bf16_panel_elems() bf16 of per-thread scratch.
+  void (*round_rows_bf16)(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, uint16_t* X16);
+  void (*gemm_bf16_cols)(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* W, int64_t ldw, float* C,
+                         int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1, uint16_t* panel);
 };
+
+// The bf16 GEMM's weight panel: kBf16PanelCols output columns × kBf16PanelK of k (32 KB, resident in L1).
+constexpr int64_t kBf16PanelCols = 32, kBf16PanelK = 512;
+constexpr int64_t gemm_bf16_panel_elems() { return kBf16PanelCols * kBf16PanelK; }
 
 const CpuKernels& cpu_kernels();          // best for this CPU (chosen once from CPUID)
 const CpuKernels& cpu_kernels_generic();  // the portable reference path

@@ -138,27 +138,29 @@ static void prepare_x_bf16(const float* x, int64_t k, float* xs) {
 }
 
 // A 32-bit lane holding bf16 pair (w[2i], w[2i+1]) is w[2i+1] as f32 once its low half is masked off, and w[2i]
-// once shifted left 16: two cheap in-lane ops per 32 weights, no lane-crossing widening. Four rows share each x
-// load; eight independent accumulators hide FMA latency.
+// once shifted left 16: two cheap in-lane ops per 32 weights, no lane-crossing widening. Several rows share each
+// x load (8 with AVX-512, 4 with AVX2's 16 registers); every row has its own even/odd accumulators.
 static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* x, const float* xs, int64_t k, float* y,
                       const float* bias, bool accumulate, int64_t r0, int64_t r1) {
   int64_t r = r0;
   [[maybe_unused]] const int64_t kb = kPairBlock > 1 ? k / kPairBlock * kPairBlock : 0;
 #if defined(__AVX512F__)
   const __m512i hi_mask = _mm512_set1_epi32(int32_t(0xffff0000u));
-  for (; r + 4 <= r1; r += 4) {
-    const uint16_t* w[4] = {W + r * ldw, W + (r + 1) * ldw, W + (r + 2) * ldw, W + (r + 3) * ldw};
-    __m512 ae[4], ao[4];
-    for (int j = 0; j < 4; ++j) ae[j] = ao[j] = _mm512_setzero_ps();
+  constexpr int R = 8;  // 8 rows: more memory streams in flight per x load; 16 accumulators fit in 32 zmm
+  for (; r + R <= r1; r += R) {
+    const uint16_t* w[R];
+    for (int j = 0; j < R; ++j) w[j] = W + (r + j) * ldw;
+    __m512 ae[R], ao[R];
+    for (int j = 0; j < R; ++j) ae[j] = ao[j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < kb; i += 32) {
       const __m512 xe = _mm512_loadu_ps(xs + i), xo = _mm512_loadu_ps(xs + i + 16);
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < R; ++j) {
         const __m512i v = _mm512_loadu_si512((const void*)(w[j] + i));
         ae[j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, ae[j]);
         ao[j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi_mask)), xo, ao[j]);
       }
     }
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < R; ++j) {
       float s = hsum(_mm512_add_ps(ae[j], ao[j]));
       for (int64_t i = kb; i < k; ++i) s += bf16f(w[j][i]) * x[i];
       finish_row(y, r + j, s, bias, accumulate);
@@ -247,7 +249,8 @@ static void attend(const float* q, int64_t ldq, int64_t rows, const float* K, co
   }
 }
 
-static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, prepare_x_bf16, gemv_bf16, bf16_to_f32, rmsnorm_row, silu_mul_row, attend};
+static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, prepare_x_bf16, gemv_bf16, bf16_to_f32, rmsnorm_row, silu_mul_row, attend,
+                                    nullptr, nullptr};
 
 }  // namespace QWEN_KERNELS_NS
 }  // namespace qwen

@@ -510,8 +510,9 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
     """Load a Qwen2 chat model: `model` is a Hub repo id (at `revision`; files are downloaded into the Hugging
     Face cache as needed) or a local directory with config.json, tokenizer.json and safetensors weights.
 
-    `dtype` None picks: on the CPU the checkpoint's own dtype when it is bfloat16 (weights stay bf16, math in
-    float32), else float32; on CUDA bfloat16. `max_context` is the KV cache size in tokens (None or 0:
+    `dtype` None picks: on the CPU the checkpoint's own dtype when it is bfloat16 (weights stay bf16, sums in
+    float32; prompt matmuls take bf16-rounded inputs where the CPU has AVX512-BF16), else float32; on CUDA
+    bfloat16. "float32" is float32 throughout. `max_context` is the KV cache size in tokens (None or 0:
     min(max_position_embeddings, 4096)); `num_threads` the CPU threads (None or 0: all this process may use).
     `local_files_only` (default: HF_HUB_OFFLINE) never touches the network."""
     t0 = time.perf_counter()

@@ -63,7 +63,7 @@ def main() -> int:
         sources.append((dst, []))
     # The rest of the extension: every C++ file but the CPU-ISA-specific kernels (the portable ones serve) and the
     # CPU-only build's stand-in for the CUDA backend.
-    skip = {"no_cuda.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp"}
+    skip = {"no_cuda.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "gemm_bf16.cpp"}
     for cpp in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))):
         if os.path.basename(cpp) not in skip:
             sources.append((cpp, []))

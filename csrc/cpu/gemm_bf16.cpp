@@ -1,0 +1,118 @@
+// Batched matmul for bf16 weights on CPUs with AVX512-BF16 (compiled with -mavx512bf16; chosen only when CPUID
+// reports it). VDPBF16PS multiplies bf16 pairs and accumulates in float32 at twice the rate of float32 FMAs, so
+// prefill in bfloat16 mode rounds its matmul inputs to bf16 (weights already are) and keeps every sum in float32,
+// as llama.cpp and PyTorch do for bf16 weights. Decode does not come here: its GEMV keeps float32 inputs.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/kernels.h"
+
+namespace qwen {
+namespace {
+
+constexpr int64_t kNB = kBf16PanelCols;  // output columns per panel: two registers of 16 lanes
+constexpr int64_t kKC = kBf16PanelK;      // k per panel (256 pairs)
+static_assert(kNB == 32, "the micro-kernel covers two 16-lane registers");
+constexpr int kRows = 12;     // rows of x per micro-kernel call: 24 accumulators
+
+inline uint16_t round_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+// C[r, 0..31] (+)= sum over pairs p of x[r, 2p..2p+1] · panel[p, column, 0..1], for R rows.
+template <int R>
+void micro(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t pairs, float* C, int64_t ldc,
+           bool first, bool accumulate, const float* bias, __mmask16 m0, __mmask16 m1) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void*)(panel + p * 64));
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void*)(panel + p * 64 + 32));
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * ldx + 2 * p, 4);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xb);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xb);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* c = C + r * ldc;
+    __m512 b0, b1;
+    if (first && !accumulate) {
+      b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+      b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+    } else {
+      b0 = _mm512_maskz_loadu_ps(m0, c);
+      b1 = _mm512_maskz_loadu_ps(m1, c + 16);
+      if (first && bias) {
+        b0 = _mm512_add_ps(b0, _mm512_maskz_loadu_ps(m0, bias));
+        b1 = _mm512_add_ps(b1, _mm512_maskz_loadu_ps(m1, bias + 16));
+      }
+    }
+    _mm512_mask_storeu_ps(c, m0, _mm512_add_ps(b0, acc[r][0]));
+    _mm512_mask_storeu_ps(c + 16, m1, _mm512_add_ps(b1, acc[r][1]));
+  }
+}
+
+template <int R>
+void micro_dispatch(int rows, const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t pairs, float* C,
+                    int64_t ldc, bool first, bool accumulate, const float* bias, __mmask16 m0, __mmask16 m1) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      micro_dispatch<R - 1>(rows, x, ldx, panel, pairs, C, ldc, first, accumulate, bias, m0, m1);
+      return;
+    }
+  }
+  micro<R>(x, ldx, panel, pairs, C, ldc, first, accumulate, bias, m0, m1);
+}
+
+}  // namespace
+
+void round_rows_bf16(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, uint16_t* X16) {
+  const int64_t k2 = k + (k & 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    uint16_t* d = X16 + r * k2;
+    const float* s = X + r * ldx;
+    for (int64_t i = 0; i < k; ++i) d[i] = round_bf16(s[i]);
+    if (k2 != k) d[k] = 0;
+  }
+}
+
+void gemm_bf16_cols(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* W, int64_t ldw, float* C,
+                    int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1, uint16_t* panel) {
+  const int64_t k2 = k + (k & 1);
+  for (int64_t nb = n0; nb < n1; nb += kNB) {
+    const int64_t valid = std::min(kNB, n1 - nb);
+    const __mmask16 m0 = __mmask16(valid >= 16 ? 0xffff : (1u << valid) - 1u);
+    const __mmask16 m1 = __mmask16(valid <= 16 ? 0 : valid >= 32 ? 0xffff : (1u << (valid - 16)) - 1u);
+    for (int64_t kc = 0; kc < k2; kc += kKC) {
+      const int64_t len = std::min(kKC, k2 - kc), pairs = len / 2;
+      // panel[p][j][0..1] = W[nb + j][kc + 2p .. kc + 2p + 1], zero past the matrix
+      for (int64_t j = 0; j < kNB; ++j) {
+        uint16_t* dst = panel + j * 2;
+        if (j >= valid) {
+          for (int64_t p = 0; p < pairs; ++p) dst[p * kNB * 2] = dst[p * kNB * 2 + 1] = 0;
+          continue;
+        }
+        const uint16_t* w = W + (nb + j) * ldw;
+        for (int64_t p = 0; p < pairs; ++p) {
+          const int64_t kk = kc + 2 * p;
+          dst[p * kNB * 2] = w[kk];
+          dst[p * kNB * 2 + 1] = kk + 1 < k ? w[kk + 1] : 0;
+        }
+      }
+      for (int64_t t = 0; t < T; t += kRows)
+        micro_dispatch<kRows>(int(std::min<int64_t>(kRows, T - t)), X16 + t * k2 + kc, k2, panel, pairs,
+                              C + t * ldc + nb, ldc, kc == 0, accumulate, bias ? bias + nb : nullptr, m0, m1);
+    }
+  }
+}
+
+}  // namespace qwen
