@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "cpu/kernels.h"
+#include "tensor.h"
 
 namespace qwen {
 namespace {
@@ -16,14 +17,6 @@ constexpr int64_t kNB = kBf16PanelCols;  // output columns per panel: two regist
 constexpr int64_t kKC = kBf16PanelK;      // k per panel (256 pairs)
 static_assert(kNB == 32, "the micro-kernel covers two 16-lane registers");
 constexpr int kRows = 12;     // rows of x per micro-kernel call: 24 accumulators
-
-inline uint16_t round_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
 
 // C[r, 0..31] (+)= sum over pairs p of x[r, 2p..2p+1] · panel[p, column, 0..1], for R rows.
 template <int R>
@@ -80,7 +73,7 @@ void round_rows_bf16(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_
   for (int64_t r = r0; r < r1; ++r) {
     uint16_t* d = X16 + r * k2;
     const float* s = X + r * ldx;
-    for (int64_t i = 0; i < k; ++i) d[i] = round_bf16(s[i]);
+    for (int64_t i = 0; i < k; ++i) d[i] = f32_to_bf16(s[i]);
     if (k2 != k) d[k] = 0;
   }
 }
