@@ -595,6 +595,8 @@ def _mappings_under(root: pathlib.Path) -> List[str]:
 
 
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+# Under scripts/sanitize.sh, ASan keeps freed memory in quarantine (to catch use-after-free), so RSS is no measure.
+SANITIZED = os.environ.get("QWEN_NATIVE_SANITIZED") == "1"
 
 
 @linux_only
@@ -622,7 +624,7 @@ def test_many_generate_calls_keep_memory_flat(tiny_model):
     for i in range(200):
         one(i)
     growth = _rss_mb() - rss0
-    assert growth < 16, f"RSS grew by {growth:.1f} MB over 200 generate() calls"
+    assert growth < 16 or SANITIZED, f"RSS grew by {growth:.1f} MB over 200 generate() calls"
     assert _threads() == threads0
 
 
@@ -652,7 +654,8 @@ def test_load_free_cycles_leave_nothing_behind(tiny_model_dir):
     for i in range(1, 11):
         cycle(i)
     rss_growth, vm_growth = _rss_mb() - rss0, _vm_mb() - vm0
-    assert rss_growth < weights_mb / 2, f"RSS grew by {rss_growth:.1f} MB over 10 load/free cycles"
-    assert vm_growth < weights_mb, f"address space grew by {vm_growth:.1f} MB over 10 load/free cycles"
+    if not SANITIZED:
+        assert rss_growth < weights_mb / 2, f"RSS grew by {rss_growth:.1f} MB over 10 load/free cycles"
+        assert vm_growth < weights_mb, f"address space grew by {vm_growth:.1f} MB over 10 load/free cycles"
     assert _threads() == threads0
     assert _open_files_under(d) == [] and _mappings_under(d) == []
