@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <mutex>
 #include <thread>
 
@@ -26,8 +27,11 @@ int default_threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// A key that is absent or null (JSON null) is missing, as in the Python layer.
+bool has(const py::dict& d, const char* key) { return d.contains(key) && !d[key].is_none(); }
+
 int64_t get_int(const py::dict& d, const char* key, bool required = true, int64_t fallback = 0) {
-  if (!d.contains(key)) {
+  if (!has(d, key)) {
     if (required) throw py::value_error(std::string("config is missing \"") + key + "\"");
     return fallback;
   }
@@ -43,11 +47,16 @@ int64_t get_int(const py::dict& d, const char* key, bool required = true, int64_
 }
 
 double get_float(const py::dict& d, const char* key, double fallback) {
-  if (!d.contains(key)) return fallback;
+  if (!has(d, key)) return fallback;
   py::object v = d[key];
   if (py::isinstance<py::bool_>(v) || !(py::isinstance<py::int_>(v) || py::isinstance<py::float_>(v)))
     throw py::type_error(std::string("config \"") + key + "\" must be a number");
-  return v.cast<double>();
+  const double x = PyFloat_AsDouble(v.ptr());  // an int beyond the double range sets OverflowError
+  if (x == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(std::string("config \"") + key + "\" is out of range");
+  }
+  return x;
 }
 
 Qwen2Config config_from_dict(const py::dict& d) {
@@ -59,12 +68,15 @@ Qwen2Config config_from_dict(const py::dict& d) {
   c.num_attention_heads = get_int(d, "num_attention_heads");
   c.num_key_value_heads = get_int(d, "num_key_value_heads", false, c.num_attention_heads);
   if (c.num_attention_heads <= 0) throw py::value_error("config \"num_attention_heads\" must be positive");
-  c.head_dim = d.contains("head_dim") && !d["head_dim"].is_none() ? get_int(d, "head_dim")
-                                                                   : c.hidden_size / c.num_attention_heads;
+  c.head_dim = has(d, "head_dim") ? get_int(d, "head_dim") : c.hidden_size / c.num_attention_heads;
   c.max_position_embeddings = get_int(d, "max_position_embeddings");
   c.rope_theta = get_float(d, "rope_theta", 10000.0);
   c.rms_norm_eps = get_float(d, "rms_norm_eps", 1e-6);
-  if (d.contains("tie_word_embeddings")) c.tie_word_embeddings = py::bool_(d["tie_word_embeddings"]);
+  if (has(d, "tie_word_embeddings")) {
+    py::object v = d["tie_word_embeddings"];
+    if (!py::isinstance<py::bool_>(v)) throw py::type_error("config \"tie_word_embeddings\" must be true or false");
+    c.tie_word_embeddings = v.cast<bool>();
+  }
   c.validate();
   return c;
 }
@@ -197,6 +209,7 @@ class PyModel {
   void close() {
     Guard g(this);
     model_.reset();
+    closed_ = true;
   }
 
   int64_t length() { Guard g(this); return model_->length(); }
@@ -206,7 +219,7 @@ class PyModel {
   const std::string& dtype() const { return dtype_; }
   const std::string& device() const { return device_; }
   int num_threads() const { return threads_; }
-  bool closed() const { return !model_; }
+  bool closed() const { return closed_; }  // no lock: any thread may ask, even while another computes
 
  private:
   // One model object is one KV cache: it serves one thread at a time. A second thread gets a clear error rather
@@ -231,6 +244,7 @@ class PyModel {
 
   std::mutex mu_;
   std::unique_ptr<Qwen2Model> model_;
+  std::atomic<bool> closed_{false};
   std::string dtype_, device_;
   int threads_ = 1;
 };

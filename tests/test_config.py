@@ -78,6 +78,7 @@ def test_transformers5_rope_parameters():
     ({"rope_theta": "big"}, "rope_theta"),
     ({"rope_theta": float("inf")}, "rope_theta"),
     ({"rope_theta": 10 ** 400}, "rope_theta"),  # beyond the float range: was an OverflowError
+    ({"rope_theta": 2 ** 62}, "rope_theta"),  # above the core's bound (1e12): was accepted here, refused there
     ({"rms_norm_eps": -10 ** 400}, "rms_norm_eps"),
     ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
     ({"rms_norm_eps": 2.0}, "rms_norm_eps"),

@@ -265,6 +265,16 @@ def test_config_types_checked(tmp_path):
         _core.Model(dict(cfg, hidden_size="64"), table)
     with pytest.raises(ValueError, match="missing"):
         _core.Model({k: v for k, v in cfg.items() if k != "vocab_size"}, table)
+    with pytest.raises(ValueError, match="missing"):
+        _core.Model(dict(cfg, vocab_size=None), table)  # JSON null is missing, as in the Python layer
+    with pytest.raises(ValueError, match="rope_theta"):
+        _core.Model(dict(cfg, rope_theta=10 ** 400), table)  # beyond the double range (was a pybind11 cast error)
+    with pytest.raises(TypeError, match="tie_word_embeddings"):
+        _core.Model(dict(cfg, tie_word_embeddings="no"), table)  # (a non-empty string was true)
+    m = _core.Model(dict(cfg, head_dim=None, rope_theta=None, rms_norm_eps=None), table, num_threads=1)
+    assert m.vocab_size == cfg["vocab_size"]  # null optional fields take their defaults
+    with pytest.raises(ValueError, match=r"k_proj.weight has shape \[32, 64\] but config.json implies \[64, 64\]"):
+        _core.Model(dict(cfg, num_key_value_heads=None), table)  # null: as many as num_attention_heads
 
 
 def test_tensor_mismatches_name_the_tensor(tmp_path):

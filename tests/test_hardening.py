@@ -472,6 +472,7 @@ def test_core_refuses_concurrent_use(deep_dir):
     started.wait()
     refused: List[str] = []
     while not done.is_set():
+        assert core.closed is False  # answered without the lock
         for call in (lambda: core.length, lambda: core.decode(1), lambda: core.reset(), lambda: core.close()):
             try:
                 call()

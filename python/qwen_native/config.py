@@ -237,7 +237,7 @@ def parse_config(d: Mapping[str, Any], source: str = "config.json") -> Qwen2Conf
     if hd % 2:
         raise ConfigError(f"{src}: \"head_dim\" ({hd}) must be even for rotary embeddings")
     max_pos = _size(d, "max_position_embeddings", src)
-    theta = _positive_float(d, "rope_theta", src, rope_theta_default)
+    theta = _positive_float(d, "rope_theta", src, rope_theta_default, upper=1e12)  # the core's bound
     eps = _positive_float(d, "rms_norm_eps", src, 1e-6, upper=1.0)
     tie = d.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
