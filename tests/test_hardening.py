@@ -216,6 +216,8 @@ BAD_FILES: List[Tuple[str, int, Callable[[pathlib.Path], None], type, str]] = [
      CheckpointError, "not a plain"),
     ("index-not-json", 2, write("model.safetensors.index.json", "{"), CheckpointError, "not valid JSON"),
     ("index-no-weight-map", 2, write("model.safetensors.index.json", "{}"), CheckpointError, "weight_map"),
+    ("index-huge", 2, lambda d: os.truncate(d / "model.safetensors.index.json", 65 << 20), CheckpointError,
+     "over 64 MiB"),
     ("index-zero-bytes", 2, write("model.safetensors.index.json", b""), CheckpointError, "not valid JSON"),
     ("shard-truncated", 2, raw_edit(lambda b: b[:100], "model-00002-of-00002.safetensors"), CheckpointError,
      "00002.safetensors.*(lie outside|larger than the file)"),
@@ -251,6 +253,7 @@ BAD_FILES: List[Tuple[str, int, Callable[[pathlib.Path], None], type, str]] = [
      "model_type"),
     ("config-float-overflow", 1, json_edit("config.json", lambda c: c.update(rope_theta=10 ** 400)), ConfigError,
      "rope_theta"),
+    ("config-huge", 1, lambda d: os.truncate(d / "config.json", 65 << 20), ConfigError, "over 64 MiB"),
     ("generation-config-not-json", 1, write("generation_config.json", "nope"), ConfigError, "not valid JSON"),
     ("generation-config-bad-value", 1, json_edit("generation_config.json", lambda g: g.update(temperature=-1)),
      ConfigError, "temperature"),
@@ -268,6 +271,8 @@ BAD_FILES: List[Tuple[str, int, Callable[[pathlib.Path], None], type, str]] = [
     ("tokenizer-config-not-json", 1, write("tokenizer_config.json", "{"), TemplateError, "tokenizer_config.json"),
     ("tokenizer-config-nested-deeply", 1, write("tokenizer_config.json", "[" * 100000 + "]" * 100000),
      TemplateError, "RecursionError"),
+    ("tokenizer-config-huge", 1, lambda d: os.truncate(d / "tokenizer_config.json", 65 << 20), TemplateError,
+     "over 64 MiB"),
     ("chat-template-not-a-string", 1, json_edit("tokenizer_config.json", lambda t: t.update(chat_template=5)),
      TemplateError, "chat_template\" must be a string"),
     ("chat-template-jinja-not-utf8", 1, write("chat_template.jinja", b"\xff\xfe{{"), TemplateError,
@@ -310,7 +315,8 @@ def test_bad_model_directory(base_dirs, tmp_path, healthy, name, shards, mutate,
 # case → the message through the cache where it differs (a shard the cache lacks is one it cannot download)
 HUB_CASES = {"truncated-half": None, "header-not-json": None, "tensor-missing": None, "index-parent-path": None,
              "index-missing-shard": "cannot get model-00002-of-00002.safetensors .*HF_HUB_OFFLINE",
-             "config-1e9-layers": None, "tokenizer-not-json": None, "tokenizer-missing": "cannot get tokenizer.json .*HF_HUB_OFFLINE"}
+             "config-1e9-layers": None, "tokenizer-not-json": None,
+             "tokenizer-missing": "cannot get tokenizer.json .*HF_HUB_OFFLINE"}
 
 
 @pytest.mark.parametrize("name", list(HUB_CASES))

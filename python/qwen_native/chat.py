@@ -272,8 +272,7 @@ class ChatTokenizer:
         cfg: Dict[str, Any] = {}
         if tokenizer_config_json is not None:
             try:
-                with open(tokenizer_config_json, "rb") as f:
-                    cfg = json.loads(f.read().decode("utf-8"))
+                cfg = json.loads(_read_small(tokenizer_config_json).decode("utf-8"))
             except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
                 raise TemplateError(f"cannot read {tokenizer_config_json}: {type(e).__name__}: {e}") from None
             if not isinstance(cfg, dict):
@@ -281,10 +280,9 @@ class ChatTokenizer:
         template = None
         if chat_template_file is not None:
             try:
-                with open(chat_template_file, encoding="utf-8") as f:
-                    template = f.read()
-            except (OSError, UnicodeDecodeError) as e:
-                raise TemplateError(f"cannot read {chat_template_file}: {e}") from None
+                template = _read_small(chat_template_file).decode("utf-8")
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise TemplateError(f"cannot read {chat_template_file}: {type(e).__name__}: {e}") from None
         return cls(tok, cfg, template)
 
     # -- ids ------------------------------------------------------------------------------------------------------
@@ -350,6 +348,17 @@ class ChatTokenizer:
             messages = prompt
         messages = normalize_messages(messages, system)
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+def _read_small(path: str) -> bytes:
+    """The bytes of a tokenizer_config.json / chat_template.jinja; ValueError beyond the size such files have."""
+    from .config import MAX_JSON_BYTES
+
+    with open(path, "rb") as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"the file is over {MAX_JSON_BYTES >> 20} MiB, far more than such a file holds; it is corrupt")
+    return raw
 
 
 def _template_from_config(cfg: Mapping[str, Any]) -> Optional[str]:

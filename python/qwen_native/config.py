@@ -20,6 +20,10 @@ __all__ = ["Qwen2Config", "GenerationDefaults", "parse_config", "load_config", "
 
 SUPPORTED_ARCHITECTURE = "Qwen2ForCausalLM"
 
+# The most read of a model's small JSON files (config, generation config, index, tokenizer config; real ones are
+# kilobytes), so a hostile multi-gigabyte one is refused without being read into memory.
+MAX_JSON_BYTES = 64 << 20
+
 # Upper bounds well above any real Qwen2 model (7B: hidden 3584, 28 layers, 152064 vocab, 32768 positions) that
 # still catch corrupt or hostile files before they turn into a multi-terabyte allocation.
 _LIMITS = {
@@ -94,11 +98,16 @@ def read_json(path: str, what: Optional[str] = None) -> Dict[str, Any]:
     what = what or os.path.basename(path)
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
+            raw = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{what} not found at {path}") from None
     except OSError as e:
         raise ConfigError(f"cannot read {what} at {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise ConfigError(f"{what} at {path} is over {MAX_JSON_BYTES >> 20} MiB, far more than such a file holds; "
+                          "the file is corrupt")
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"{what} at {path} is not valid JSON: {e}") from None
     except RecursionError:
