@@ -334,6 +334,12 @@ may use. Not thread-safe: one thread at a time per object (a concurrent call rai
         }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
         py::arg("dtype") = "float32", py::arg("num_threads") = 1);
   m.def("isa", [] { return std::string(cpu_kernels().isa); }, "The CPU kernel set in use (chosen from CPUID).");
+  m.def("parameter_shapes", [](const py::dict& config) {
+          py::dict out;
+          for (auto& [name, shape] : Qwen2Model::parameter_shapes(config_from_dict(config))) out[py::str(name)] = shape;
+          return out;
+        }, py::arg("config"),
+        "{tensor name: shape} of the checkpoint config.json describes (lm_head.weight may be absent when tied).");
   m.def("cuda_available", &cuda_available, "True when this build has the CUDA backend and a GPU is visible.");
   m.def("build_info", [] {
     py::dict d;

@@ -43,11 +43,46 @@ Qwen2Model::Qwen2Model(const Qwen2Config& config, const std::vector<TensorSource
   load(tensors);
 }
 
+// Every tensor of a Qwen2ForCausalLM checkpoint with its shape, and (for a model m) where it lands: q/k/v and
+// gate/up go into one stacked matrix each. The one list of parameter names; the Python layer asks for it too.
+std::vector<Qwen2Model::Slot> Qwen2Model::slots(const Qwen2Config& c, Qwen2Model* m) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, qd = c.q_dim(), kvd = c.kv_dim();
+  auto at = [&](Tensor Qwen2Model::*t) { return m ? &(m->*t) : nullptr; };
+  std::vector<Slot> out = {{"model.embed_tokens.weight", {V, H}, at(&Qwen2Model::embed_tokens_), 0},
+                           {"model.norm.weight", {H}, at(&Qwen2Model::norm_), 0},
+                           {"lm_head.weight", {V, H}, at(&Qwen2Model::lm_head_), 0}};
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    Layer* L = m ? &m->layers_[size_t(i)] : nullptr;
+    auto in = [&](Tensor Layer::*t) { return L ? &(L->*t) : nullptr; };
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    out.push_back({p + "input_layernorm.weight", {H}, in(&Layer::input_layernorm), 0});
+    out.push_back({p + "self_attn.q_proj.weight", {qd, H}, in(&Layer::qkv), 0});
+    out.push_back({p + "self_attn.k_proj.weight", {kvd, H}, in(&Layer::qkv), qd * H});
+    out.push_back({p + "self_attn.v_proj.weight", {kvd, H}, in(&Layer::qkv), (qd + kvd) * H});
+    out.push_back({p + "self_attn.q_proj.bias", {qd}, in(&Layer::qkv_bias), 0});
+    out.push_back({p + "self_attn.k_proj.bias", {kvd}, in(&Layer::qkv_bias), qd});
+    out.push_back({p + "self_attn.v_proj.bias", {kvd}, in(&Layer::qkv_bias), qd + kvd});
+    out.push_back({p + "self_attn.o_proj.weight", {H, qd}, in(&Layer::o_proj), 0});
+    out.push_back({p + "post_attention_layernorm.weight", {H}, in(&Layer::post_attention_layernorm), 0});
+    out.push_back({p + "mlp.gate_proj.weight", {I, H}, in(&Layer::gate_up), 0});
+    out.push_back({p + "mlp.up_proj.weight", {I, H}, in(&Layer::gate_up), I * H});
+    out.push_back({p + "mlp.down_proj.weight", {H, I}, in(&Layer::down_proj), 0});
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> Qwen2Model::parameter_shapes(const Qwen2Config& c) {
+  c.validate();
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+  for (Slot& s : slots(c, nullptr)) out.emplace_back(std::move(s.name), std::move(s.shape));
+  return out;
+}
+
 // Matches the checkpoint's tensors to the parameters config.json implies, then allocates and reads them.
 void Qwen2Model::load(const std::vector<TensorSource>& tensors) {
   const Qwen2Config& c = cfg_;
   const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
-  const int64_t qd = c.q_dim(), kvd = c.kv_dim(), qkvd = c.qkv_dim();
+  const int64_t qd = c.q_dim(), qkvd = c.qkv_dim();
   Backend& b = *backend_;
   const DType wt = b.weight_dtype(), act = b.activation_dtype();
 
@@ -59,25 +94,7 @@ void Qwen2Model::load(const std::vector<TensorSource>& tensors) {
   };
   std::map<std::string, Param> params;
   layers_.assign(size_t(c.num_hidden_layers), Layer{});
-  params["model.embed_tokens.weight"] = {{V, H}, &embed_tokens_, 0};
-  params["model.norm.weight"] = {{H}, &norm_, 0};
-  params["lm_head.weight"] = {{V, H}, &lm_head_, 0};
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    Layer& L = layers_[size_t(i)];
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    params[p + "input_layernorm.weight"] = {{H}, &L.input_layernorm, 0};
-    params[p + "self_attn.q_proj.weight"] = {{qd, H}, &L.qkv, 0};
-    params[p + "self_attn.k_proj.weight"] = {{kvd, H}, &L.qkv, qd * H};
-    params[p + "self_attn.v_proj.weight"] = {{kvd, H}, &L.qkv, (qd + kvd) * H};
-    params[p + "self_attn.q_proj.bias"] = {{qd}, &L.qkv_bias, 0};
-    params[p + "self_attn.k_proj.bias"] = {{kvd}, &L.qkv_bias, qd};
-    params[p + "self_attn.v_proj.bias"] = {{kvd}, &L.qkv_bias, qd + kvd};
-    params[p + "self_attn.o_proj.weight"] = {{H, qd}, &L.o_proj, 0};
-    params[p + "post_attention_layernorm.weight"] = {{H}, &L.post_attention_layernorm, 0};
-    params[p + "mlp.gate_proj.weight"] = {{I, H}, &L.gate_up, 0};
-    params[p + "mlp.up_proj.weight"] = {{I, H}, &L.gate_up, I * H};
-    params[p + "mlp.down_proj.weight"] = {{H, I}, &L.down_proj, 0};
-  }
+  for (Slot& s : slots(c, this)) params[s.name] = {std::move(s.shape), s.dst, s.at};
 
   for (const TensorSource& s : tensors) {
     auto it = params.find(s.name);

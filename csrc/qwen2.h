@@ -3,6 +3,8 @@
 
 #include <functional>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "backend.h"
@@ -35,6 +37,9 @@ class Qwen2Model {
   // Called between layers; may throw to abandon the pass (Ctrl-C). The cache length is then unchanged.
   std::function<void()> interrupt_check;
 
+  // The checkpoint tensors config.json implies, with their shapes (lm_head.weight optional when tied).
+  static std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(const Qwen2Config& config);
+
  private:
   struct Layer {
     Tensor input_layernorm;           // (1, hidden_size)
@@ -46,6 +51,13 @@ class Qwen2Model {
     Tensor k_cache, v_cache;          // (num_key_value_heads * max_positions, head_dim)
   };
 
+  struct Slot {
+    std::string name;
+    std::vector<int64_t> shape;
+    Tensor* dst;  // where it lands (nullptr when only shapes are asked for)
+    int64_t at;   // first element inside dst
+  };
+  static std::vector<Slot> slots(const Qwen2Config& c, Qwen2Model* m);
   void load(const std::vector<TensorSource>& tensors);
   void run_layers(const int32_t* ids, int64_t T);  // embed + decoder layers into x_
   void lm_head_rows(int64_t r0, int64_t n);        // final norm + lm_head of rows r0.. of x_ into logits_

@@ -105,31 +105,13 @@ def tensor_table(paths: Sequence[str]) -> List[TensorEntry]:
     return table
 
 
-def expected_shapes(config: "Qwen2Config") -> Dict[str, Tuple[int, ...]]:
-    """Every tensor a Qwen2ForCausalLM checkpoint with this config.json holds, with its shape. lm_head.weight is
-    listed too; a model with tied embeddings may leave it out."""
-    c = config
-    H, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
-    qd, kvd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    shapes: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,),
-                                          "lm_head.weight": (V, H)}
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (qd, H), p + "self_attn.q_proj.bias": (qd,),
-            p + "self_attn.k_proj.weight": (kvd, H), p + "self_attn.k_proj.bias": (kvd,),
-            p + "self_attn.v_proj.weight": (kvd, H), p + "self_attn.v_proj.bias": (kvd,),
-            p + "self_attn.o_proj.weight": (H, qd),
-            p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I),
-        })
-    return shapes
-
-
 def check_tensors(table: Sequence[TensorEntry], config: "Qwen2Config") -> None:
     """CheckpointError unless the checkpoint holds exactly the tensors config.json implies, with their shapes, in a
-    dtype the core reads. (The core checks the same again; this is the message a user sees.)"""
-    expected = expected_shapes(config)
+    dtype the core reads. The names and shapes come from the core (its one list of Qwen2 parameters), which checks
+    them again when it loads; this is the message a user sees, with the file and what to do."""
+    from . import _core  # type: ignore[attr-defined]
+
+    expected = {name: tuple(shape) for name, shape in _core.parameter_shapes(config.to_core_dict()).items()}
     layers = config.num_hidden_layers
     mismatch = "the weights and config.json do not belong to the same model, or the file is corrupt"
     seen = set()
