@@ -54,6 +54,32 @@ void micro(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t pairs,
   }
 }
 
+// Rows j0..j0+15 of W, 16 bf16 pairs each (starting at `w`), into panel[p0 + c][j0 + i] as 32-bit pairs: a 16x16
+// transpose of 32-bit elements (interleave 32-bit, then 64-bit, then 128-bit lanes twice).
+inline void pack_16x16(const uint16_t* w, int64_t ldw, uint16_t* panel, int64_t p0, int64_t j0) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512((const void*)(w + i * ldw));
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[i + c]: columns {c, c+4, c+8, c+12} of rows i..i+3, one per 128-bit lane
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  uint32_t* out = reinterpret_cast<uint32_t*>(panel);
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512i w0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd), w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
+    _mm512_storeu_si512((void*)(out + (p0 + c) * kNB + j0), _mm512_shuffle_i32x4(v0, v1, 0x88));
+    _mm512_storeu_si512((void*)(out + (p0 + c + 8) * kNB + j0), _mm512_shuffle_i32x4(v0, v1, 0xdd));
+    _mm512_storeu_si512((void*)(out + (p0 + c + 4) * kNB + j0), _mm512_shuffle_i32x4(w0, w1, 0x88));
+    _mm512_storeu_si512((void*)(out + (p0 + c + 12) * kNB + j0), _mm512_shuffle_i32x4(w0, w1, 0xdd));
+  }
+}
+
 template <int R>
 void micro_dispatch(int rows, const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t pairs, float* C,
                     int64_t ldc, bool first, bool accumulate, const float* bias, __mmask16 m0, __mmask16 m1) {
@@ -87,15 +113,23 @@ void gemm_bf16_cols(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* W
     const __mmask16 m1 = __mmask16(valid <= 16 ? 0 : valid >= 32 ? 0xffff : (1u << (valid - 16)) - 1u);
     for (int64_t kc = 0; kc < k2; kc += kKC) {
       const int64_t len = std::min(kKC, k2 - kc), pairs = len / 2;
-      // panel[p][j][0..1] = W[nb + j][kc + 2p .. kc + 2p + 1], zero past the matrix
+      // panel[p][j][0..1] = W[nb + j][kc + 2p .. kc + 2p + 1], zero past the matrix. Each (p, j) is one 32-bit
+      // pair of row j, so packing is a transpose of 32-bit elements: 16x16 blocks in registers where the block is
+      // whole, element by element at the edges.
+      int64_t p_fast = 0;
+      if (valid == kNB) {
+        p_fast = std::max<int64_t>(0, std::min(pairs, (k - kc) / 2)) / 16 * 16;
+        for (int64_t p0 = 0; p0 < p_fast; p0 += 16)
+          for (int64_t j0 = 0; j0 < kNB; j0 += 16) pack_16x16(W + (nb + j0) * ldw + kc + 2 * p0, ldw, panel, p0, j0);
+      }
       for (int64_t j = 0; j < kNB; ++j) {
         uint16_t* dst = panel + j * 2;
         if (j >= valid) {
-          for (int64_t p = 0; p < pairs; ++p) dst[p * kNB * 2] = dst[p * kNB * 2 + 1] = 0;
+          for (int64_t p = p_fast; p < pairs; ++p) dst[p * kNB * 2] = dst[p * kNB * 2 + 1] = 0;
           continue;
         }
         const uint16_t* w = W + (nb + j) * ldw;
-        for (int64_t p = 0; p < pairs; ++p) {
+        for (int64_t p = p_fast; p < pairs; ++p) {
           const int64_t kk = kc + 2 * p;
           dst[p * kNB * 2] = w[kk];
           dst[p * kNB * 2 + 1] = kk + 1 < k ? w[kk + 1] : 0;
