@@ -149,20 +149,9 @@ def checkpoint_dtype(table: Sequence[TensorEntry]) -> str:
 
 def read_index(path: str) -> List[str]:
     """The shard file names a model.safetensors.index.json file names (see :func:`index_shards`)."""
-    from .config import MAX_JSON_BYTES
+    from .config import read_json
 
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    if len(raw) > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path} is over {MAX_JSON_BYTES >> 20} MiB, far more than an index holds; {_FIX}")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {e}); {_FIX}") from None
-    return index_shards(data, path)
+    return index_shards(read_json(path, error=CheckpointError), path)
 
 
 def index_shards(index: Any, index_path: str = "model.safetensors.index.json") -> List[str]:

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
 
 from .errors import ConfigError
 
@@ -93,27 +93,28 @@ class GenerationDefaults:
     max_new_tokens: Optional[int] = None
 
 
-def read_json(path: str, what: Optional[str] = None) -> Dict[str, Any]:
-    """Read a JSON object from `path`; ConfigError naming the file when it is missing or not a JSON object."""
+def read_json(path: str, what: Optional[str] = None, error: Type[Exception] = ConfigError) -> Dict[str, Any]:
+    """Read a JSON object from `path`; `error` (ConfigError unless told) naming the file when it is missing,
+    oversized or not a JSON object."""
     what = what or os.path.basename(path)
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"{what} not found at {path}") from None
+        raise error(f"{what} not found at {path}") from None
     except OSError as e:
-        raise ConfigError(f"cannot read {what} at {path}: {e.strerror or e}") from None
+        raise error(f"cannot read {what} at {path}: {e.strerror or e}") from None
     if len(raw) > MAX_JSON_BYTES:
-        raise ConfigError(f"{what} at {path} is over {MAX_JSON_BYTES >> 20} MiB, far more than such a file holds; "
-                          "the file is corrupt")
+        raise error(f"{what} at {path} is over {MAX_JSON_BYTES >> 20} MiB, far more than such a file holds; "
+                    "the file is corrupt")
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{what} at {path} is not valid JSON: {e}") from None
+        raise error(f"{what} at {path} is not valid JSON: {e}") from None
     except RecursionError:
-        raise ConfigError(f"{what} at {path} is nested too deeply to be a model file; the file is corrupt") from None
+        raise error(f"{what} at {path} is nested too deeply to be a model file; the file is corrupt") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} at {path} must hold a JSON object, not {type(data).__name__}")
+        raise error(f"{what} at {path} must hold a JSON object, not {type(data).__name__}")
     return data
 
 
