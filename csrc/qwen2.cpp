@@ -5,16 +5,18 @@
 //     h = rmsnorm(x) · input_layernorm
 //     q, k, v = h·Wqᵀ + bq, h·Wkᵀ + bk, h·Wvᵀ + bv      (one fused matmul)
 //     q, k = rope(q), rope(k)                               (rotate-half, theta = rope_theta)
-//     cache[k, v] at positions pos0 ..
-//     x += o_proj(softmax(q·kᵀ / sqrt(head_dim) + causal mask) · v)   (grouped-query)
+//     cache[k, v] of each row's slot at its position
+//     x += o_proj(softmax(q·kᵀ / sqrt(head_dim) + causal mask) · v)   (grouped-query, each row over its own slot)
 //     h = rmsnorm(x) · post_attention_layernorm
 //     x += down_proj(silu(gate_proj(h)) * up_proj(h))       (gate/up one fused matmul)
 //   logits = lm_head(rmsnorm(x) · norm)
 //
-// Names follow config.json and the checkpoint. How each op runs is the backend's business (backend.h).
+// Names follow config.json and the checkpoint. How each op runs is the backend's business (backend.h); which
+// sequences and positions a pass computes is data (Rows over a KVCache), not state of the model.
 #include "qwen2.h"
 
 #include <cmath>
+#include <algorithm>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -32,40 +34,41 @@ std::string shape_str(const std::vector<int64_t>& s) {
 }
 }  // namespace
 
-Qwen2Model::Qwen2Model(const Qwen2Config& config, const std::vector<TensorSource>& tensors,
-                       std::unique_ptr<Backend> backend, int64_t max_positions)
-    : cfg_(config), backend_(std::move(backend)), max_positions_(max_positions) {
+Qwen2Model::Qwen2Model(const Qwen2Config& config, const std::vector<TensorSource>& tensors, Backend& backend,
+                       const WeightFormats& formats, CacheShape cache)
+    : cfg_(config), backend_(backend), max_positions_(cache.max_positions) {
   cfg_.validate();
   if (max_positions_ < 1 || max_positions_ > cfg_.max_position_embeddings)
     throw std::invalid_argument("max_context = " + std::to_string(max_positions_) + " must be between 1 and " +
                                 "max_position_embeddings (" + std::to_string(cfg_.max_position_embeddings) + ")");
-  max_batch_ = std::min(kMaxBatch, max_positions_);
-  load(tensors);
+  if (cache.num_slots < 1) throw std::invalid_argument("a KV cache needs at least one slot");
+  max_batch_ = std::min(kMaxBatch, max_positions_ * cache.num_slots);
+  load(tensors, formats, cache);
 }
 
 // Every tensor of a Qwen2ForCausalLM checkpoint with its shape, and (for a model m) where it lands: q/k/v and
 // gate/up go into one stacked matrix each. The one list of parameter names; the Python layer asks for it too.
 std::vector<Qwen2Model::Slot> Qwen2Model::slots(const Qwen2Config& c, Qwen2Model* m) {
   const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, qd = c.q_dim(), kvd = c.kv_dim();
-  auto at = [&](Tensor Qwen2Model::*t) { return m ? &(m->*t) : nullptr; };
+  auto at = [&](Weight Qwen2Model::*t) { return m ? &(m->*t) : nullptr; };
   std::vector<Slot> out = {{"model.embed_tokens.weight", {V, H}, at(&Qwen2Model::embed_tokens_), 0},
                            {"model.norm.weight", {H}, at(&Qwen2Model::norm_), 0},
                            {"lm_head.weight", {V, H}, at(&Qwen2Model::lm_head_), 0}};
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     Layer* L = m ? &m->layers_[size_t(i)] : nullptr;
-    auto in = [&](Tensor Layer::*t) { return L ? &(L->*t) : nullptr; };
+    auto in = [&](Weight Layer::*t) { return L ? &(L->*t) : nullptr; };
     const std::string p = "model.layers." + std::to_string(i) + ".";
     out.push_back({p + "input_layernorm.weight", {H}, in(&Layer::input_layernorm), 0});
     out.push_back({p + "self_attn.q_proj.weight", {qd, H}, in(&Layer::qkv), 0});
-    out.push_back({p + "self_attn.k_proj.weight", {kvd, H}, in(&Layer::qkv), qd * H});
-    out.push_back({p + "self_attn.v_proj.weight", {kvd, H}, in(&Layer::qkv), (qd + kvd) * H});
+    out.push_back({p + "self_attn.k_proj.weight", {kvd, H}, in(&Layer::qkv), qd});
+    out.push_back({p + "self_attn.v_proj.weight", {kvd, H}, in(&Layer::qkv), qd + kvd});
     out.push_back({p + "self_attn.q_proj.bias", {qd}, in(&Layer::qkv_bias), 0});
     out.push_back({p + "self_attn.k_proj.bias", {kvd}, in(&Layer::qkv_bias), qd});
     out.push_back({p + "self_attn.v_proj.bias", {kvd}, in(&Layer::qkv_bias), qd + kvd});
     out.push_back({p + "self_attn.o_proj.weight", {H, qd}, in(&Layer::o_proj), 0});
     out.push_back({p + "post_attention_layernorm.weight", {H}, in(&Layer::post_attention_layernorm), 0});
     out.push_back({p + "mlp.gate_proj.weight", {I, H}, in(&Layer::gate_up), 0});
-    out.push_back({p + "mlp.up_proj.weight", {I, H}, in(&Layer::gate_up), I * H});
+    out.push_back({p + "mlp.up_proj.weight", {I, H}, in(&Layer::gate_up), I});
     out.push_back({p + "mlp.down_proj.weight", {H, I}, in(&Layer::down_proj), 0});
   }
   return out;
@@ -78,18 +81,26 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> Qwen2Model::parameter_
   return out;
 }
 
-// Matches the checkpoint's tensors to the parameters config.json implies, then allocates and reads them.
-void Qwen2Model::load(const std::vector<TensorSource>& tensors) {
+std::string Qwen2Model::weight_format() const {
+  std::vector<const Weight*> all = {&embed_tokens_, &lm_head_};
+  for (const Layer& L : layers_) all.insert(all.end(), {&L.qkv, &L.o_proj, &L.gate_up, &L.down_proj});
+  for (const Weight* w : all)
+    if (w->format != all[0]->format) return "mixed";
+  return format_name(all[0]->format);
+}
+
+// Matches the checkpoint's tensors to the parameters config.json implies, then reserves, allocates and reads them.
+void Qwen2Model::load(const std::vector<TensorSource>& tensors, const WeightFormats& formats, CacheShape cache) {
   const Qwen2Config& c = cfg_;
   const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
   const int64_t qd = c.q_dim(), qkvd = c.qkv_dim();
-  Backend& b = *backend_;
-  const DType wt = b.weight_dtype(), act = b.activation_dtype();
+  Backend& b = backend_;
+  const DType act = b.activation_dtype();
 
   struct Param {
     std::vector<int64_t> shape;
-    Tensor* dst;
-    int64_t at;  // first element inside dst
+    Weight* dst;
+    int64_t at;
     const TensorSource* src = nullptr;
   };
   std::map<std::string, Param> params;
@@ -121,31 +132,47 @@ void Qwen2Model::load(const std::vector<TensorSource>& tensors) {
   if (!has_lm_head) params.erase("lm_head.weight");
   for (const auto& [name, p] : params)
     if (!p.src) throw std::invalid_argument("tensor " + name + " is missing from the checkpoint");
-  check_files(tensors);
 
-  // Everything is known to be consistent: reserve, allocate, read.
-  const int64_t ws = int64_t(dtype_size(wt)), as = int64_t(dtype_size(act));
-  const int64_t per_layer = (qkvd * H + qd * H + 2 * I * H + H * I) * ws + (2 * H + qkvd) * 4 +
-                            2 * c.num_key_value_heads * max_positions_ * c.head_dim * as;
-  const int64_t bytes = V * H * ws * (has_lm_head ? 2 : 1) + H * 4 + c.num_hidden_layers * per_layer +
-                        max_batch_ * (H * 4 + (H + qkvd + qd + 3 * I) * as) + kHeadRows * (H * as + V * 4) +
-                        max_positions_ * c.head_dim * 4;
-  b.reserve(bytes);
-
-  embed_tokens_ = b.alloc(wt, V, H);
-  lm_head_ = has_lm_head ? b.alloc(wt, V, H) : embed_tokens_;
-  norm_ = b.alloc(DType::F32, 1, H);
-  for (Layer& L : layers_) {
-    L.input_layernorm = b.alloc(DType::F32, 1, H);
-    L.qkv = b.alloc(wt, qkvd, H);
-    L.qkv_bias = b.alloc(DType::F32, 1, qkvd);
-    L.o_proj = b.alloc(wt, H, qd);
-    L.post_attention_layernorm = b.alloc(DType::F32, 1, H);
-    L.gate_up = b.alloc(wt, 2 * I, H);
-    L.down_proj = b.alloc(wt, H, I);
-    L.k_cache = b.alloc(act, c.num_key_value_heads * max_positions_, c.head_dim);
-    L.v_cache = b.alloc(act, c.num_key_value_heads * max_positions_, c.head_dim);
+  // The format of each destination: one per stacked matrix, vectors always F32.
+  for (const auto& [name, f] : formats.overrides)
+    if (!params.count(name))
+      throw std::invalid_argument("a weight format is given for " + name + ", which is not a matrix of this model");
+  std::map<Weight*, std::pair<Format, std::string>> fmt;  // destination → (format, the tensor that decided it)
+  for (const auto& [name, p] : params) {
+    const bool vector = p.shape.size() == 1;
+    auto o = formats.overrides.find(name);
+    if (vector && o != formats.overrides.end() && o->second != Format::F32)
+      throw std::invalid_argument(name + " is a norm weight or bias: those are stored as float32");
+    const Format f = vector ? Format::F32 : o != formats.overrides.end() ? o->second : formats.matrices;
+    auto [it, fresh] = fmt.emplace(p.dst, std::make_pair(f, name));
+    if (!fresh && it->second.first != f)
+      throw std::invalid_argument(name + " and " + it->second.second + " are stored as one stacked matrix: give them "
+                                  "the same format");
+    if (!b.stores(f))
+      throw std::invalid_argument("the " + b.name() + " backend cannot store " + name + " as " + format_name(f));
   }
+
+  // Everything is known to be consistent: one memory check for all of it, then allocate and read.
+  std::map<Weight*, std::pair<int64_t, int64_t>> dims;  // destination → (rows, cols) of the whole stack
+  for (const auto& [name, p] : params) {
+    auto& d = dims[p.dst];
+    if (p.shape.size() == 1) d = {1, std::max(d.second, p.at + p.shape[0])};
+    else d = {std::max(d.first, p.at + p.shape[0]), p.shape[1]};
+  }
+  int64_t weight_bytes = 0;
+  for (const auto& [w, d] : dims) weight_bytes += format_bytes(fmt[w].first, d.first, d.second);
+  const int64_t as = int64_t(dtype_size(act));
+  const int64_t act_bytes = max_batch_ * (H * 4 + (H + qkvd + qd + 3 * I) * as) + kHeadRows * (H * as + V * 4) +
+                            2 * max_positions_ * (c.head_dim / 2) * 4;
+  const int64_t kv_bytes = KVCache::bytes(c, cache, act);
+  auto mib = [](int64_t n) { return std::to_string((n + (1 << 20) - 1) >> 20) + " MiB"; };
+  b.reserve(weight_bytes + act_bytes + kv_bytes,
+            "weights " + mib(weight_bytes) + ", KV cache " + mib(kv_bytes) +
+                " (" + std::to_string(cache.num_slots) + " slot(s) x " + std::to_string(cache.max_positions) +
+                " positions), activations " + mib(act_bytes));
+
+  for (auto& [w, d] : dims) *w = b.alloc_weight(fmt[w].first, d.first, d.second);
+  if (!has_lm_head) lm_head_ = embed_tokens_;
   x_ = b.alloc(DType::F32, max_batch_, H);
   xn_ = b.alloc(act, max_batch_, H);
   qkv_ = b.alloc(act, max_batch_, qkvd);
@@ -173,13 +200,14 @@ void Qwen2Model::load(const std::vector<TensorSource>& tensors) {
   b.upload(rope_sin_, 0, sin_host.data(), DType::F32, int64_t(sin_host.size()));
 
   std::vector<TensorTarget> targets;
-  for (const auto& [name, p] : params) targets.push_back({p.src, parse_dtype(*p.src), *p.dst, p.at});
+  for (const auto& [name, p] : params)  // a matrix lands at a row of its stack, a vector at an element of its row
+    targets.push_back({p.src, parse_dtype(*p.src), p.dst->data, p.shape.size() == 1 ? p.at : p.at * p.shape[1]});
   read_tensors(b, targets, 2);
 }
 
-void Qwen2Model::run_layers(const int32_t* ids, int64_t T) {
+void Qwen2Model::run_layers(const KVCache& cache, int64_t T) {
   const Qwen2Config& c = cfg_;
-  Backend& b = *backend_;
+  Backend& b = backend_;
   const float eps = float(c.rms_norm_eps);
   const Tensor x = x_.slice_rows(0, T), xn = xn_.slice_rows(0, T), qkv = qkv_.slice_rows(0, T),
                attn = attn_.slice_rows(0, T), gate_up = gate_up_.slice_rows(0, T), mlp = mlp_.slice_rows(0, T);
@@ -187,90 +215,81 @@ void Qwen2Model::run_layers(const int32_t* ids, int64_t T) {
                v = qkv.slice_cols(c.q_dim() + c.kv_dim(), c.kv_dim());
 
   b.embed(x, embed_tokens_);
-  for (const Layer& L : layers_) {
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const Layer& L = layers_[i];
+    const KVLayer& kv = cache.layer(i);
     if (interrupt_check) interrupt_check();
     // self-attention block
-    b.rmsnorm(xn, x, L.input_layernorm, eps);
-    b.matmul(qkv, xn, L.qkv, &L.qkv_bias, false);
+    b.rmsnorm(xn, x, L.input_layernorm.data, eps);
+    b.matmul(qkv, xn, L.qkv, &L.qkv_bias.data, false);
     b.rope(q, k, c.head_dim, rope_cos_, rope_sin_);
-    b.kv_store(L.k_cache, L.v_cache, k, v, max_positions_);
-    b.attention(attn, q, L.k_cache, L.v_cache, c.num_key_value_heads, c.head_dim, max_positions_);
+    b.kv_store(kv, k, v);
+    b.attention(attn, q, kv, c.head_dim);
     b.matmul(x, attn, L.o_proj, nullptr, /*accumulate=*/true);  // x += o_proj(attn)
     // MLP block
-    b.rmsnorm(xn, x, L.post_attention_layernorm, eps);
+    b.rmsnorm(xn, x, L.post_attention_layernorm.data, eps);
     b.matmul(gate_up, xn, L.gate_up, nullptr, false);
     b.silu_mul(mlp, gate_up);
     b.matmul(x, mlp, L.down_proj, nullptr, /*accumulate=*/true);  // x += down_proj(silu(gate) * up)
   }
 }
 
-void Qwen2Model::lm_head_rows(int64_t r0, int64_t n) {
-  const Tensor h = head_in_.slice_rows(0, n);
-  backend_->rmsnorm(h, x_.slice_rows(r0, n), norm_, float(cfg_.rms_norm_eps));
-  backend_->matmul(logits_.slice_rows(0, n), h, lm_head_, nullptr, false);
-}
-
-void Qwen2Model::forward(const int32_t* ids, int64_t T, bool all_logits, float* logits) {
-  if (T < 1) throw std::invalid_argument("forward needs at least one token");
-  if (T > max_positions_ - length_)
-    throw std::out_of_range(std::to_string(T) + " tokens do not fit in the KV cache: " + std::to_string(length_) +
-                            " of " + std::to_string(max_positions_) + " positions are used");
-  for (int64_t t = 0; t < T; ++t)
-    if (ids[t] < 0 || ids[t] >= cfg_.vocab_size)
-      throw std::out_of_range("token id " + std::to_string(ids[t]) + " is outside the vocabulary [0, " +
-                              std::to_string(cfg_.vocab_size) + ")");
-
-  const int64_t V = cfg_.vocab_size, start = length_;
-  int64_t pos = start;
-  try {
-    for (int64_t done = 0; done < T;) {
-      const int64_t n = std::min(max_batch_, T - done);
-      backend_->begin_forward(ids + done, n, pos);
-      auto body = [&] {
-        run_layers(ids + done, n);
-        if (!all_logits && done + n == T) lm_head_rows(n - 1, 1);
-      };
-      if (n == 1 && !all_logits) backend_->run_decode_step(body); else body();
-      if (all_logits) {
-        for (int64_t r = 0; r < n; r += kHeadRows) {
-          const int64_t m = std::min(kHeadRows, n - r);
-          lm_head_rows(r, m);
-          backend_->download(logits + (done + r) * V, logits_.slice_rows(0, m));
-        }
-      } else if (done + n == T) {
-        backend_->download(logits, logits_.slice_rows(0, 1));
-      }
-      done += n;
-      pos += n;
-      length_ = pos;  // a chunk is in the cache only once it has fully run
-    }
-  } catch (...) {
-    length_ = start;  // an interrupted pass leaves the cache as it was
-    throw;
+// Final norm of x_'s rows `rows` (ascending) into head_in_, runs of consecutive rows in one op each, then the
+// lm_head over all of them.
+void Qwen2Model::lm_head_rows(const int64_t* rows, int64_t n) {
+  const float eps = float(cfg_.rms_norm_eps);
+  for (int64_t j = 0; j < n;) {
+    int64_t e = j + 1;
+    while (e < n && rows[e] == rows[e - 1] + 1) ++e;
+    backend_.rmsnorm(head_in_.slice_rows(j, e - j), x_.slice_rows(rows[j], e - j), norm_.data, eps);
+    j = e;
   }
+  backend_.matmul(logits_.slice_rows(0, n), head_in_.slice_rows(0, n), lm_head_, nullptr, false);
 }
 
-int32_t Qwen2Model::forward_argmax(int32_t id) {
-  if (id < 0 || id >= cfg_.vocab_size)
-    throw std::out_of_range("token id " + std::to_string(id) + " is outside the vocabulary [0, " +
-                            std::to_string(cfg_.vocab_size) + ")");
-  if (length_ >= max_positions_)
-    throw std::out_of_range("the KV cache is full (" + std::to_string(max_positions_) + " positions)");
-  backend_->begin_forward(&id, 1, length_);
-  backend_->run_decode_step([&] {
-    run_layers(&id, 1);
-    lm_head_rows(0, 1);
-  });
-  const int32_t next = backend_->argmax(logits_.slice_rows(0, 1));
-  ++length_;
-  return next;
-}
+void Qwen2Model::forward(KVCache& cache, const Rows& rows, const std::vector<int64_t>& logit_rows, float* logits,
+                         int32_t* argmax) {
+  if (cache.max_positions() > max_positions_)
+    throw std::invalid_argument("this KV cache has more positions than the model's rotary tables cover");
+  for (int64_t t = 0; t < rows.T; ++t)
+    if (rows.ids[t] < 0 || rows.ids[t] >= cfg_.vocab_size)
+      throw std::out_of_range("token id " + std::to_string(rows.ids[t]) + " is outside the vocabulary [0, " +
+                              std::to_string(cfg_.vocab_size) + ")");
+  cache.check(rows);
+  for (size_t j = 0; j < logit_rows.size(); ++j)
+    if (logit_rows[j] < 0 || logit_rows[j] >= rows.T || (j && logit_rows[j] <= logit_rows[j - 1]))
+      throw std::out_of_range("logit rows must be ascending row indices of the pass (0.." +
+                              std::to_string(rows.T - 1) + ")");
 
-void Qwen2Model::truncate(int64_t n) {
-  if (n < 0 || n > length_)
-    throw std::out_of_range("truncate(" + std::to_string(n) + "): the cache holds " + std::to_string(length_) +
-                            " positions");
-  length_ = n;
+  const int64_t V = cfg_.vocab_size;
+  size_t next = 0;  // the first logit row not yet computed
+  for (int64_t done = 0; done < rows.T;) {
+    const int64_t n = std::min(max_batch_, rows.T - done);
+    const Rows chunk{rows.ids + done, rows.slots + done, rows.positions + done, n};
+    std::vector<int64_t>& wanted = wanted_;  // logit rows of this chunk, relative to it
+    wanted.clear();
+    for (size_t j = next; j < logit_rows.size() && logit_rows[j] < done + n; ++j) wanted.push_back(logit_rows[j] - done);
+    backend_.begin_forward(chunk);
+    if (n == 1) {  // one row: the step a backend may record once and replay
+      backend_.run_decode_step([&] {
+        run_layers(cache, 1);
+        if (!wanted.empty()) lm_head_rows(wanted.data(), 1);
+      });
+    } else {
+      run_layers(cache, n);
+    }
+    for (size_t j = 0; j < wanted.size();) {
+      const int64_t m = std::min<int64_t>(kHeadRows, int64_t(wanted.size() - j));
+      if (n > 1) lm_head_rows(wanted.data() + j, m);
+      const size_t out = next + j;
+      if (logits) backend_.download(logits + int64_t(out) * V, logits_.slice_rows(0, m));
+      if (argmax) backend_.argmax(logits_.slice_rows(0, m), argmax + out);
+      j += size_t(m);
+    }
+    next += wanted.size();
+    done += n;
+  }
+  cache.commit(rows);  // only a pass that fully ran is in the cache
 }
 
 }  // namespace qwen

@@ -39,6 +39,28 @@ struct Tensor {
   }
 };
 
+// How a parameter is stored. Plain formats hold one element per value; quantized ones (next) add scales and a
+// group size to the Weight. The model picks a format per tensor, so one model may mix them.
+enum class Format : uint8_t { F32, BF16 };
+
+inline const char* format_name(Format f) { return f == Format::F32 ? "float32" : "bfloat16"; }
+// The element type of a plain format's data.
+inline DType format_dtype(Format f) { return f == Format::F32 ? DType::F32 : DType::BF16; }
+// Bytes of a rows × cols matrix in format f, exactly (what the backend allocates for it).
+inline int64_t format_bytes(Format f, int64_t rows, int64_t cols) {
+  return rows * cols * int64_t(dtype_size(format_dtype(f)));
+}
+
+// A model parameter: its data in the backend's memory and the format that data is in. Matmuls and the embedding
+// lookup dispatch on `format`.
+struct Weight {
+  Tensor data;  // (rows, cols) of format_dtype(format)
+  Format format = Format::F32;
+
+  int64_t rows() const { return data.rows; }
+  int64_t cols() const { return data.cols; }
+};
+
 // bf16 is the top half of an f32: widening is exact, narrowing rounds to nearest even (NaN stays NaN).
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;

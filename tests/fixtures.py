@@ -40,6 +40,13 @@ def make_config(**overrides) -> dict:
     return cfg
 
 
+def core_config(cfg: dict) -> dict:
+    """config.json as the native core takes it: resolved (defaults filled in) by the Python layer."""
+    from qwen_native.config import parse_config
+
+    return parse_config(cfg).to_core_dict()
+
+
 def head_dim(cfg: dict) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 

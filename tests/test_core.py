@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from fixtures import make_config, random_weights, stored_values, write_checkpoint
+from fixtures import core_config, make_config, random_weights, stored_values, write_checkpoint
 from reference import reference_logits, rel_err
 from qwen_native import _core
 from qwen_native.checkpoint import tensor_table
@@ -24,7 +24,7 @@ NEXT = [11, 200, 7, 150, 33, 90, 2, 180, 45, 260, 13, 99]  # fed one at a time a
 
 
 def load(directory: str, **kw) -> _core.Model:
-    cfg = json.load(open(os.path.join(directory, "config.json")))
+    cfg = core_config(json.load(open(os.path.join(directory, "config.json"))))
     kw.setdefault("num_threads", 2)
     return _core.Model(cfg, tensor_table(sorted(glob.glob(os.path.join(directory, "*.safetensors")))), **kw)
 
@@ -150,7 +150,7 @@ sys.path.insert(0, sys.argv[2])
 from qwen_native import _core
 from qwen_native.checkpoint import tensor_table
 from reference import reference_logits, rel_err
-from fixtures import stored_values, random_weights
+from fixtures import core_config, stored_values, random_weights
 d = sys.argv[1]
 cfg = json.load(open(d + "/config.json"))
 w = stored_values(random_weights(cfg, seed=0), "BF16")
@@ -158,7 +158,7 @@ ids = list(range(1, 40, 3))
 ref = reference_logits(w, cfg, ids + [5, 6])
 worst, worst_bf16_batched = 0.0, 0.0
 for dtype in ("float32", "bfloat16"):
-    m = _core.Model(cfg, tensor_table(glob.glob(d + "/*.safetensors")), dtype=dtype, num_threads=2)
+    m = _core.Model(core_config(cfg), tensor_table(glob.glob(d + "/*.safetensors")), dtype=dtype, num_threads=2)
     batched = rel_err(m.prefill(ids, all_logits=True), ref[:len(ids)])
     if dtype == "bfloat16" and _core.isa().endswith("+bf16"):
         worst_bf16_batched = batched  # bf16 GEMM inputs: checked exactly in test_kernels.py
@@ -230,6 +230,7 @@ def test_max_context(tmp_path):
 
 def test_constructor_arguments_are_checked(tmp_path):
     d, cfg, _ = checkpoint(tmp_path)
+    cfg = core_config(cfg)
     table = tensor_table(glob.glob(os.path.join(d, "*.safetensors")))
     with pytest.raises(ValueError, match="dtype"):
         _core.Model(cfg, table, dtype="float16")
@@ -253,6 +254,7 @@ def test_constructor_arguments_are_checked(tmp_path):
 ])
 def test_config_validated_before_allocation(tmp_path, field, value, match):
     d, cfg, _ = checkpoint(tmp_path)
+    cfg = core_config(cfg)
     table = tensor_table(glob.glob(os.path.join(d, "*.safetensors")))
     with pytest.raises(ValueError, match=match):
         _core.Model(dict(cfg, **{field: value}), table)
@@ -260,6 +262,7 @@ def test_config_validated_before_allocation(tmp_path, field, value, match):
 
 def test_config_types_checked(tmp_path):
     d, cfg, _ = checkpoint(tmp_path)
+    cfg = core_config(cfg)
     table = tensor_table(glob.glob(os.path.join(d, "*.safetensors")))
     with pytest.raises(TypeError, match="hidden_size"):
         _core.Model(dict(cfg, hidden_size="64"), table)
@@ -271,14 +274,16 @@ def test_config_types_checked(tmp_path):
         _core.Model(dict(cfg, rope_theta=10 ** 400), table)  # beyond the double range (was a pybind11 cast error)
     with pytest.raises(TypeError, match="tie_word_embeddings"):
         _core.Model(dict(cfg, tie_word_embeddings="no"), table)  # (a non-empty string was true)
-    m = _core.Model(dict(cfg, head_dim=None, rope_theta=None, rms_norm_eps=None), table, num_threads=1)
-    assert m.vocab_size == cfg["vocab_size"]  # null optional fields take their defaults
-    with pytest.raises(ValueError, match=r"k_proj.weight has shape \[32, 64\] but config.json implies \[64, 64\]"):
-        _core.Model(dict(cfg, num_key_value_heads=None), table)  # null: as many as num_attention_heads
+    # The core takes a resolved config: the defaults of config.json's optional fields are the Python layer's.
+    for name in ("head_dim", "num_key_value_heads", "rope_theta", "rms_norm_eps", "tie_word_embeddings"):
+        with pytest.raises(ValueError, match=f"missing \"{name}\""):
+            _core.Model(dict(cfg, **{name: None}), table)
+    assert _core.Model(cfg, table, num_threads=1).vocab_size == cfg["vocab_size"]
 
 
 def test_tensor_mismatches_name_the_tensor(tmp_path):
     d, cfg, _ = checkpoint(tmp_path, tie_word_embeddings=False)
+    cfg = core_config(cfg)
     table = tensor_table(glob.glob(os.path.join(d, "*.safetensors")))
 
     def without(name):
@@ -307,6 +312,7 @@ def test_tensor_mismatches_name_the_tensor(tmp_path):
 
 def test_truncated_file_is_an_error_not_a_crash(tmp_path):
     d, cfg, _ = checkpoint(tmp_path)
+    cfg = core_config(cfg)
     path = os.path.join(d, "model.safetensors")
     table = tensor_table([path])
     with open(path, "r+b") as f:

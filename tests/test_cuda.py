@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from fixtures import make_config, random_weights, write_checkpoint  # noqa: E402
+from fixtures import core_config, make_config, random_weights, write_checkpoint  # noqa: E402
 from qwen_native.checkpoint import tensor_table  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def checkpoint(tmp_path, name="gqa2-tied", dtype="BF16", seed=0, **overrides):
     cfg = make_config(**dict(CONFIGS[name], **overrides))
     d = str(tmp_path / f"ckpt-{name}-{dtype}-{seed}")
     write_checkpoint(d, cfg, random_weights(cfg, seed=seed), dtype=dtype)
-    return cfg, tensor_table(sorted(glob.glob(os.path.join(d, "*.safetensors"))))
+    return core_config(cfg), tensor_table(sorted(glob.glob(os.path.join(d, "*.safetensors"))))
 
 
 def gpu(cfg, table, **kw):

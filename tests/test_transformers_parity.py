@@ -5,7 +5,6 @@ few chat prompts. Runs only with QWEN_NATIVE_TEST_MODEL pointing at a checkpoint
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np
@@ -19,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from qwen_native import _core  # noqa: E402
 from qwen_native.checkpoint import tensor_table  # noqa: E402
+from qwen_native.config import load_config  # noqa: E402
 
 PROMPTS = [
     "Write a Python function that checks whether a number is prime.",
@@ -55,7 +55,7 @@ def hf_greedy(model, ids):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matches_transformers(hf, dtype):
     tok, model = hf
-    cfg = json.load(open(os.path.join(MODEL, "config.json")))
+    cfg = load_config(os.path.join(MODEL, "config.json")).to_core_dict()
     ours = _core.Model(cfg, tensor_table(sorted(glob.glob(os.path.join(MODEL, "*.safetensors")))), dtype=dtype,
                        max_context=1024)
     for prompt in PROMPTS:

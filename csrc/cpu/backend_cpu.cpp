@@ -1,5 +1,5 @@
-// The CPU backend: float32 activations; weights in float32 or bfloat16. One-token matmuls run on our own GEMV
-// kernels (bandwidth-bound: every weight is read once per token), batched ones on sgemm (OpenBLAS, single-threaded
+// The CPU backend: float32 activations and KV cache; each weight in float32 or bfloat16. One-row matmuls run on
+// our own GEMV kernels (bandwidth-bound: every weight is read once per token), batched ones on sgemm (OpenBLAS, single-threaded
 // per call, one call per thread on a slice of the output columns, so one thread pool drives everything).
 #include <sys/mman.h>
 #include <unistd.h>
@@ -36,6 +36,7 @@ namespace {
 
 constexpr int64_t kTileFloats = int64_t(2) << 20;  // per-thread f32 tile of bf16 weights for sgemm (8 MB)
 constexpr int64_t kRowAlign = 16;                  // rows per thread are multiples of this (cache lines of y)
+constexpr int64_t kAttnRows = 16;                  // query rows per attention work item
 
 int64_t available_memory_bytes() {
   std::ifstream f("/proc/meminfo");
@@ -70,18 +71,12 @@ void sgemm_nt(int64_t T, int64_t n, int64_t k, const float* x, int64_t ldx, cons
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(DType weight_dtype, int num_threads)
-      : wdt_(weight_dtype), pool_(num_threads), K_(cpu_kernels()) {
+  explicit CpuBackend(int num_threads) : pool_(num_threads), K_(cpu_kernels()) {
 #if defined(QWEN_BLAS_OPENBLAS)
     QWEN_BLAS_SET_THREADS(1);  // parallelism comes from our pool: one sgemm per thread on its own columns
 #endif
     scratch_.resize(size_t(pool_.size()));
     tiles_.resize(size_t(pool_.size()));
-    if (wdt_ == DType::BF16 && K_.gemm_bf16_cols) {
-      panels_.assign(size_t(pool_.size()), std::vector<uint16_t>(size_t(gemm_bf16_panel_elems())));
-    } else if (wdt_ == DType::BF16) {
-      for (auto& t : tiles_) t.resize(size_t(kTileFloats));
-    }
   }
 
   ~CpuBackend() override {
@@ -89,15 +84,16 @@ class CpuBackend final : public Backend {
   }
 
   std::string name() const override { return std::string("cpu (") + K_.isa + ", " + std::to_string(pool_.size()) + " threads)"; }
-  DType weight_dtype() const override { return wdt_; }
+  bool stores(Format f) const override { return f == Format::F32 || f == Format::BF16; }
   DType activation_dtype() const override { return DType::F32; }
 
-  void reserve(int64_t bytes) override {
+  void reserve(int64_t bytes, const std::string& what) override {
     const int64_t avail = available_memory_bytes();
     if (bytes > avail)
-      throw std::runtime_error("loading this model needs " + std::to_string(bytes >> 20) + " MiB of memory but only " +
-                               std::to_string(avail >> 20) + " MiB is available; use dtype=\"bfloat16\" (half the "
-                               "weight memory), a smaller max_context, or a smaller model");
+      throw std::runtime_error("loading this model needs " + std::to_string(bytes >> 20) + " MiB of memory (" + what +
+                               ") but only " + std::to_string(avail >> 20) + " MiB is available; use dtype=\"bfloat16\" "
+                               "(half the weight memory), a smaller max_context or fewer sequences at once, or a "
+                               "smaller model");
   }
 
   Tensor alloc(DType dtype, int64_t rows, int64_t cols) override {
@@ -109,8 +105,18 @@ class CpuBackend final : public Backend {
     if (p == MAP_FAILED) throw std::bad_alloc();
     if (mapped >= (size_t(2) << 20)) madvise(p, mapped, MADV_HUGEPAGE);
     allocations_.emplace_back(p, mapped);
-    if (dtype == DType::BF16 && size_t(cols) > xs_.size()) xs_.resize(size_t(cols));  // at load, not per step
     return Tensor{p, dtype, rows, cols, cols};
+  }
+
+  Weight alloc_weight(Format f, int64_t rows, int64_t cols) override {
+    if (f == Format::BF16) {  // scratch of the bf16 matmuls, sized at load, never per step
+      if (size_t(cols) > xs_.size()) xs_.resize(size_t(cols));
+      if (K_.gemm_bf16_cols && panels_.empty())
+        panels_.assign(size_t(pool_.size()), std::vector<uint16_t>(size_t(gemm_bf16_panel_elems())));
+      if (!K_.gemm_bf16_cols)
+        for (auto& t : tiles_) t.resize(std::max(t.size(), size_t(kTileFloats)));
+    }
+    return Weight{alloc(format_dtype(f), rows, cols), f};
   }
 
   void* host_data(const Tensor& t) override { return t.data; }
@@ -140,17 +146,27 @@ class CpuBackend final : public Backend {
     for (int64_t r = 0; r < src.rows; ++r) std::memcpy(dst + r * src.cols, src.row<float>(r), size_t(src.cols) * 4);
   }
 
-  void begin_forward(const int32_t* ids, int64_t T, int64_t pos0) override {
-    ids_ = ids;
-    T_ = T;
-    pos0_ = pos0;
+  void begin_forward(const Rows& rows) override {
+    rows_ = rows;
+    // Attention works on runs of rows that share a slot, in blocks of up to kAttnRows: later rows see more
+    // positions, so smaller items balance the threads.
+    blocks_.clear();
+    for (int64_t t = 0; t < rows.T;) {
+      int64_t end = t + 1;
+      while (end < rows.T && rows.slots[end] == rows.slots[t]) ++end;
+      for (int64_t b = t; b < end; b += kAttnRows) blocks_.push_back({b, std::min(kAttnRows, end - b)});
+      t = end;
+    }
   }
 
-  void embed(const Tensor& out, const Tensor& table) override {
-    for (int64_t t = 0; t < T_; ++t) {
+  void embed(const Tensor& out, const Weight& table) override {
+    for (int64_t t = 0; t < rows_.T; ++t) {
       float* o = out.row<float>(t);
-      if (table.dtype == DType::F32) std::memcpy(o, table.row<float>(ids_[t]), size_t(table.cols) * 4);
-      else K_.bf16_to_f32(table.row<uint16_t>(ids_[t]), o, table.cols);
+      const int64_t id = rows_.ids[t];
+      switch (table.format) {
+        case Format::F32: std::memcpy(o, table.data.row<float>(id), size_t(table.cols()) * 4); break;
+        case Format::BF16: K_.bf16_to_f32(table.data.row<uint16_t>(id), o, table.cols()); break;
+      }
     }
   }
 
@@ -158,49 +174,29 @@ class CpuBackend final : public Backend {
     for_rows(x.rows, [&](int64_t t) { K_.rmsnorm_row(out.row<float>(t), x.row<float>(t), weight.ptr<float>(), x.cols, eps); });
   }
 
-  void matmul(const Tensor& out, const Tensor& x, const Tensor& w, const Tensor* bias, bool accumulate) override {
+  void matmul(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias, bool accumulate) override {
+    const Tensor& w = weight.data;
     const int64_t T = x.rows, n = w.rows, k = w.cols;
     const float* b = bias ? bias->ptr<float>() : nullptr;
-    if (T == 1) {  // decode: bandwidth-bound GEMV, rows of w split across threads
-      if (w.dtype == DType::BF16) K_.prepare_x_bf16(x.ptr<float>(), k, xs_.data());
+    if (T == 1) {  // one row: bandwidth-bound GEMV, rows of w split across threads
+      if (weight.format == Format::BF16) K_.prepare_x_bf16(x.ptr<float>(), k, xs_.data());
       pool_.parallel_for(n, kRowAlign, [&](int64_t r0, int64_t r1, int) {
-        if (w.dtype == DType::F32)
-          K_.gemv_f32(w.ptr<float>(), w.ld, x.ptr<float>(), k, out.ptr<float>(), b, accumulate, r0, r1);
-        else
-          K_.gemv_bf16(w.ptr<uint16_t>(), w.ld, x.ptr<float>(), xs_.data(), k, out.ptr<float>(), b, accumulate, r0, r1);
+        switch (weight.format) {
+          case Format::F32:
+            K_.gemv_f32(w.ptr<float>(), w.ld, x.ptr<float>(), k, out.ptr<float>(), b, accumulate, r0, r1);
+            break;
+          case Format::BF16:
+            K_.gemv_bf16(w.ptr<uint16_t>(), w.ld, x.ptr<float>(), xs_.data(), k, out.ptr<float>(), b, accumulate,
+                         r0, r1);
+            break;
+        }
       });
       return;
     }
-    if (w.dtype == DType::BF16 && K_.gemm_bf16_cols) {
-      const int64_t k2 = k + (k & 1);
-      if (x16_.size() < size_t(T * k2)) x16_.resize(size_t(T * k2));  // batched passes only, grows once
-      for_rows(T, [&](int64_t t) { K_.round_rows_bf16(x.ptr<float>(), x.ld, t, t + 1, k, x16_.data()); });
-      pool_.parallel_for(n, 32, [&](int64_t r0, int64_t r1, int tid) {
-        K_.gemm_bf16_cols(x16_.data(), T, k, w.ptr<uint16_t>(), w.ld, out.ptr<float>(), out.ld, b, accumulate, r0, r1,
-                          panels_[size_t(tid)].data());
-      }, /*chunks_per_thread=*/4);
-      return;
+    switch (weight.format) {
+      case Format::F32: gemm_f32(out, x, w, b, accumulate); return;
+      case Format::BF16: gemm_bf16(out, x, w, b, accumulate); return;
     }
-    pool_.parallel_for(n, kRowAlign, [&](int64_t r0, int64_t r1, int tid) {
-      float* o = out.ptr<float>() + r0;
-      if (b && !accumulate)
-        for (int64_t t = 0; t < T; ++t) std::memcpy(o + t * out.ld, b + r0, size_t(r1 - r0) * 4);
-      const float beta = (accumulate || b) ? 1.0f : 0.0f;
-      if (w.dtype == DType::F32) {
-        sgemm_nt(T, r1 - r0, k, x.ptr<float>(), x.ld, w.row<float>(r0), w.ld, o, out.ld, beta, K_);
-        return;
-      }
-      // bf16 weights without the bf16 GEMM: widen a tile of rows at a time, then sgemm on the tile.
-      std::vector<float>& tile = tiles_[size_t(tid)];
-      const int64_t rows_per_tile = std::max<int64_t>(kRowAlign, kTileFloats / k);
-      const size_t need = size_t(std::min(rows_per_tile, r1 - r0) * k);
-      if (tile.size() < need) tile.resize(need);  // only when a matrix is wider than the tile budget
-      for (int64_t t0 = r0; t0 < r1; t0 += rows_per_tile) {
-        const int64_t m = std::min(rows_per_tile, r1 - t0);
-        for (int64_t r = 0; r < m; ++r) K_.bf16_to_f32(w.row<uint16_t>(t0 + r), tile.data() + r * k, k);
-        sgemm_nt(T, m, k, x.ptr<float>(), x.ld, tile.data(), k, o + (t0 - r0), out.ld, beta, K_);
-      }
-    }, /*chunks_per_thread=*/2);
   }
 
   void rope(const Tensor& q, const Tensor& k, int64_t head_dim, const Tensor& cos, const Tensor& sin) override {
@@ -213,39 +209,37 @@ class CpuBackend final : public Backend {
       }
     };
     for_rows(q.rows, [&](int64_t t) {
-      const float* c = cos.row<float>(pos0_ + t);
-      const float* s = sin.row<float>(pos0_ + t);
+      const float* c = cos.row<float>(rows_.positions[t]);
+      const float* s = sin.row<float>(rows_.positions[t]);
       for (int64_t h = 0; h < q.cols / head_dim; ++h) rotate(q.row<float>(t) + h * head_dim, c, s);
       for (int64_t h = 0; h < k.cols / head_dim; ++h) rotate(k.row<float>(t) + h * head_dim, c, s);
     });
   }
 
-  void kv_store(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
-                int64_t max_positions) override {
-    const int64_t hd = k_cache.cols, heads = k.cols / hd;
+  void kv_store(const KVLayer& cache, const Tensor& k, const Tensor& v) override {
+    const int64_t hd = cache.k.cols;
     for (int64_t t = 0; t < k.rows; ++t)
-      for (int64_t g = 0; g < heads; ++g) {
-        const int64_t row = g * max_positions + pos0_ + t;
-        std::memcpy(k_cache.row<float>(row), k.row<float>(t) + g * hd, size_t(hd) * 4);
-        std::memcpy(v_cache.row<float>(row), v.row<float>(t) + g * hd, size_t(hd) * 4);
+      for (int64_t g = 0; g < cache.kv_heads; ++g) {
+        const int64_t row = cache.row(rows_.slots[t], g, rows_.positions[t]);
+        std::memcpy(cache.k.row<float>(row), k.row<float>(t) + g * hd, size_t(hd) * 4);
+        std::memcpy(cache.v.row<float>(row), v.row<float>(t) + g * hd, size_t(hd) * 4);
       }
   }
 
-  void attention(const Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                 int64_t num_kv_heads, int64_t head_dim, int64_t max_positions) override {
-    const int64_t T = q.rows, heads = q.cols / head_dim, group = heads / num_kv_heads;
+  void attention(const Tensor& out, const Tensor& q, const KVLayer& cache, int64_t head_dim) override {
+    const int64_t heads = q.cols / head_dim, group = heads / cache.kv_heads;
     const float scale = 1.0f / std::sqrt(float(head_dim));
-    // Work items: (head, block of query rows), claimed one at a time: later rows see more positions.
-    const int64_t rows_per_item = 16, blocks = (T + rows_per_item - 1) / rows_per_item;
+    const int64_t blocks = int64_t(blocks_.size());
+    // Work items (head, block of rows of one slot), claimed one at a time.
     pool_.parallel_for(heads * blocks, 1, [&](int64_t i0, int64_t i1, int tid) {
       std::vector<float>& scores = scratch_[size_t(tid)];
-      if (scores.size() < size_t(pos0_ + T)) scores.resize(size_t(max_positions));
+      if (scores.size() < size_t(cache.max_positions)) scores.resize(size_t(cache.max_positions));
       for (int64_t it = i0; it < i1; ++it) {
-        const int64_t h = it % heads, t0 = (it / heads) * rows_per_item, n = std::min(rows_per_item, T - t0);
-        const int64_t g = h / group;
-        K_.attend(q.row<float>(t0) + h * head_dim, q.ld, n, k_cache.row<float>(g * max_positions),
-                  v_cache.row<float>(g * max_positions), pos0_ + t0 + 1, head_dim, scale, scores.data(),
-                  out.row<float>(t0) + h * head_dim, out.ld);
+        const int64_t h = it % heads, g = h / group;
+        const auto [t0, n] = blocks_[size_t(it / heads)];
+        const int64_t first = cache.row(rows_.slots[t0], g, 0);
+        K_.attend(q.row<float>(t0) + h * head_dim, q.ld, n, cache.k.row<float>(first), cache.v.row<float>(first),
+                  rows_.positions[t0] + 1, head_dim, scale, scores.data(), out.row<float>(t0) + h * head_dim, out.ld);
       }
     }, /*chunks_per_thread=*/1 << 20);
   }
@@ -265,12 +259,57 @@ class CpuBackend final : public Backend {
     });
   }
 
-  int32_t argmax(const Tensor& row) override {
-    const float* p = row.ptr<float>();
-    return int32_t(std::max_element(p, p + row.cols) - p);
+  void argmax(const Tensor& rows, int32_t* out) override {
+    for (int64_t r = 0; r < rows.rows; ++r) {
+      const float* p = rows.row<float>(r);
+      out[r] = int32_t(std::max_element(p, p + rows.cols) - p);
+    }
   }
 
  private:
+  // Batched: out (T, n) (=|+=) x · wᵀ (+ bias) on sgemm, one single-threaded call per thread on its own columns.
+  void gemm_f32(const Tensor& out, const Tensor& x, const Tensor& w, const float* b, bool accumulate) {
+    const int64_t T = x.rows, k = w.cols;
+    pool_.parallel_for(w.rows, kRowAlign, [&](int64_t r0, int64_t r1, int) {
+      float* o = out.ptr<float>() + r0;
+      if (b && !accumulate)
+        for (int64_t t = 0; t < T; ++t) std::memcpy(o + t * out.ld, b + r0, size_t(r1 - r0) * 4);
+      sgemm_nt(T, r1 - r0, k, x.ptr<float>(), x.ld, w.row<float>(r0), w.ld, o, out.ld,
+               (accumulate || b) ? 1.0f : 0.0f, K_);
+    }, /*chunks_per_thread=*/2);
+  }
+
+  // Batched with bf16 weights: the bf16 dot-product GEMM where the CPU has one (inputs rounded to bf16), else
+  // tiles of rows widened to float32 and fed to sgemm.
+  void gemm_bf16(const Tensor& out, const Tensor& x, const Tensor& w, const float* b, bool accumulate) {
+    const int64_t T = x.rows, n = w.rows, k = w.cols;
+    if (K_.gemm_bf16_cols) {
+      const int64_t k2 = k + (k & 1);
+      if (x16_.size() < size_t(T * k2)) x16_.resize(size_t(T * k2));  // batched passes only, grows once
+      for_rows(T, [&](int64_t t) { K_.round_rows_bf16(x.ptr<float>(), x.ld, t, t + 1, k, x16_.data()); });
+      pool_.parallel_for(n, 32, [&](int64_t r0, int64_t r1, int tid) {
+        K_.gemm_bf16_cols(x16_.data(), T, k, w.ptr<uint16_t>(), w.ld, out.ptr<float>(), out.ld, b, accumulate, r0, r1,
+                          panels_[size_t(tid)].data());
+      }, /*chunks_per_thread=*/4);
+      return;
+    }
+    pool_.parallel_for(n, kRowAlign, [&](int64_t r0, int64_t r1, int tid) {
+      float* o = out.ptr<float>() + r0;
+      if (b && !accumulate)
+        for (int64_t t = 0; t < T; ++t) std::memcpy(o + t * out.ld, b + r0, size_t(r1 - r0) * 4);
+      const float beta = (accumulate || b) ? 1.0f : 0.0f;
+      std::vector<float>& tile = tiles_[size_t(tid)];
+      const int64_t rows_per_tile = std::max<int64_t>(kRowAlign, kTileFloats / k);
+      const size_t need = size_t(std::min(rows_per_tile, r1 - r0) * k);
+      if (tile.size() < need) tile.resize(need);  // only when a matrix is wider than the tile budget
+      for (int64_t t0 = r0; t0 < r1; t0 += rows_per_tile) {
+        const int64_t m = std::min(rows_per_tile, r1 - t0);
+        for (int64_t r = 0; r < m; ++r) K_.bf16_to_f32(w.row<uint16_t>(t0 + r), tile.data() + r * k, k);
+        sgemm_nt(T, m, k, x.ptr<float>(), x.ld, tile.data(), k, o + (t0 - r0), out.ld, beta, K_);
+      }
+    }, /*chunks_per_thread=*/2);
+  }
+
   // Runs fn(t) for every row, split across the pool when there are enough rows to pay for it.
   template <class F>
   void for_rows(int64_t rows, F&& fn) {
@@ -281,7 +320,6 @@ class CpuBackend final : public Backend {
     pool_.parallel_for(rows, 1, [&](int64_t a, int64_t b, int) { for (int64_t t = a; t < b; ++t) fn(t); });
   }
 
-  DType wdt_;
   ThreadPool pool_;
   const CpuKernels& K_;
   std::vector<std::pair<void*, size_t>> allocations_;
@@ -290,16 +328,12 @@ class CpuBackend final : public Backend {
   std::vector<uint16_t> x16_;               // batched bf16 GEMM: the input rounded to bf16 (T × even k)
   std::vector<std::vector<uint16_t>> panels_;  // per thread: packed weight panel of the bf16 GEMM
   std::vector<float> xs_;                    // the decode input rearranged for the bf16 GEMV (widest bf16 matrix)
-  const int32_t* ids_ = nullptr;
-  int64_t T_ = 0, pos0_ = 0;
+  Rows rows_;                                  // of the current pass
+  std::vector<std::pair<int64_t, int64_t>> blocks_;  // (first row, rows): attention blocks of the current pass
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(DType weight_dtype, int num_threads) {
-  if (weight_dtype != DType::F32 && weight_dtype != DType::BF16)
-    throw std::invalid_argument("the CPU backend stores weights as float32 or bfloat16");
-  return std::make_unique<CpuBackend>(weight_dtype, num_threads);
-}
+std::unique_ptr<Backend> make_cpu_backend(int num_threads) { return std::make_unique<CpuBackend>(num_threads); }
 
 }  // namespace qwen

@@ -48,16 +48,17 @@ double measure_read_bandwidth(int64_t nbytes, int threads, int repeats) {
   return best;
 }
 
-double measure_matmul_gflops(int64_t m, int64_t n, int64_t k, DType weight_dtype, int threads, int repeats) {
-  auto backend = make_cpu_backend(weight_dtype, threads);
-  Tensor x = backend->alloc(DType::F32, m, k), w = backend->alloc(weight_dtype, n, k), out = backend->alloc(DType::F32, m, n);
+double measure_matmul_gflops(int64_t m, int64_t n, int64_t k, Format format, int threads, int repeats) {
+  auto backend = make_cpu_backend(threads);
+  Tensor x = backend->alloc(DType::F32, m, k), out = backend->alloc(DType::F32, m, n);
+  Weight w = backend->alloc_weight(format, n, k);
   std::mt19937 rng(0);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   for (int64_t i = 0; i < x.numel(); ++i) x.ptr<float>()[i] = u(rng);
   std::vector<float> row(static_cast<size_t>(k));
   for (int64_t r = 0; r < n; ++r) {
     for (auto& v : row) v = u(rng);
-    backend->upload(w, r * k, row.data(), DType::F32, k);
+    backend->upload(w.data, r * k, row.data(), DType::F32, k);
   }
   double best = 0;
   for (int r = 0; r < std::max(1, repeats) + 1; ++r) {

@@ -11,8 +11,8 @@ namespace qwen {
 // `repeats` passes. Each thread reads its own contiguous slice, like the decode GEMVs do.
 double measure_read_bandwidth(int64_t nbytes, int threads, int repeats);
 
-// GFLOP/s of the CPU backend's batched matmul (m × k) · (n × k)ᵀ with weights in `weight_dtype` (F32: sgemm;
-// BF16: the bf16 GEMM where the CPU has one, else widened tiles through sgemm), best of `repeats`.
-double measure_matmul_gflops(int64_t m, int64_t n, int64_t k, DType weight_dtype, int threads, int repeats);
+// GFLOP/s of the CPU backend's batched matmul (m × k) · (n × k)ᵀ with weights in `format` (F32: sgemm; BF16: the
+// bf16 GEMM where the CPU has one, else widened tiles through sgemm), best of `repeats`.
+double measure_matmul_gflops(int64_t m, int64_t n, int64_t k, Format format, int threads, int repeats);
 
 }  // namespace qwen

@@ -1,0 +1,86 @@
+// The benchmark's machine probes and the tests' direct entries into the CPU backend, kept apart from the Model
+// bindings (bindings.cpp).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <sched.h>
+
+#include <thread>
+
+#include "backend.h"
+#include "cpu/kernels.h"
+#include "cpu/probes.h"
+
+namespace py = pybind11;
+
+namespace qwen {
+
+namespace {
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+int threads_or_default(int n) {
+  if (n) return n;
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+Format format_arg(const std::string& dtype) {
+  if (dtype == "float32") return Format::F32;
+  if (dtype == "bfloat16") return Format::BF16;
+  throw py::value_error("dtype must be float32 or bfloat16");
+}
+}  // namespace
+
+void add_testing_hooks(py::module_& m) {
+  m.def("read_bandwidth", [](int64_t nbytes, int num_threads, int repeats) {
+          if (nbytes < (1 << 20)) throw py::value_error("nbytes must be at least 1 MiB");
+          if (num_threads < 0 || repeats < 1) throw py::value_error("num_threads must be >= 0 and repeats >= 1");
+          py::gil_scoped_release nogil;
+          return measure_read_bandwidth(nbytes, threads_or_default(num_threads), repeats);
+        }, py::arg("nbytes") = int64_t(1) << 30, py::arg("num_threads") = 0, py::arg("repeats") = 5,
+        "GB/s of a multi-threaded streaming read (the decode roofline), best of `repeats`.");
+  m.def("sgemm_gflops", [](int64_t m_, int64_t n, int64_t k, int num_threads, int repeats, const std::string& dtype) {
+          if (m_ < 1 || n < 1 || k < 1 || m_ * k > (int64_t(1) << 28) || n * k > (int64_t(1) << 28))
+            throw py::value_error("m, n, k must be positive and m*k, n*k at most 2**28");
+          if (num_threads < 0 || repeats < 1) throw py::value_error("num_threads must be >= 0 and repeats >= 1");
+          const Format f = format_arg(dtype);
+          py::gil_scoped_release nogil;
+          return measure_matmul_gflops(m_, n, k, f, threads_or_default(num_threads), repeats);
+        }, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads") = 0, py::arg("repeats") = 3,
+        py::arg("dtype") = "float32",
+        "GFLOP/s of the CPU backend's batched matmul (m x k) . (n x k)^T with float32 or bfloat16 weights "
+        "(the prefill path), best of `repeats`.");
+  m.def("_backend_matmul", [](FloatArray x, FloatArray w, py::object bias, py::object out, const std::string& dtype,
+                              int num_threads) {
+          // For tests: one matmul on a fresh CPU backend, exactly as the model calls it.
+          if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) != w.shape(1) || x.shape(0) < 1 || w.shape(0) < 1)
+            throw py::value_error("x (T, k) and w (n, k) must be non-empty 2-D arrays with the same k");
+          const int64_t T = x.shape(0), k = x.shape(1), n = w.shape(0);
+          auto backend = make_cpu_backend(std::max(1, num_threads));
+          Tensor X = backend->alloc(DType::F32, T, k), O = backend->alloc(DType::F32, T, n),
+                 B = backend->alloc(DType::F32, 1, n);
+          Weight W = backend->alloc_weight(format_arg(dtype), n, k);
+          backend->upload(X, 0, x.data(), DType::F32, T * k);
+          backend->upload(W.data, 0, w.data(), DType::F32, n * k);
+          if (!bias.is_none()) {
+            auto b = bias.cast<FloatArray>();
+            if (b.size() != n) throw py::value_error("bias must have n elements");
+            backend->upload(B, 0, b.data(), DType::F32, n);
+          }
+          const bool accumulate = !out.is_none();
+          if (accumulate) {
+            auto o = out.cast<FloatArray>();
+            if (o.ndim() != 2 || o.shape(0) != T || o.shape(1) != n) throw py::value_error("out must be (T, n)");
+            backend->upload(O, 0, o.data(), DType::F32, T * n);
+          }
+          backend->matmul(O, X, W, bias.is_none() ? nullptr : &B, accumulate);
+          py::array_t<float> result({T, n});
+          backend->download(result.mutable_data(), O);
+          return result;
+        }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
+        py::arg("dtype") = "float32", py::arg("num_threads") = 1);
+  m.def("isa", [] { return std::string(cpu_kernels().isa); }, "The CPU kernel set in use (chosen from CPUID).");
+}
+
+}  // namespace qwen
