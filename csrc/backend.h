@@ -14,7 +14,8 @@ namespace qwen {
 
 // The rows of one forward pass, as data: row t is token ids[t] of the sequence in KV-cache slot slots[t], at
 // cache position positions[t]. The rows of one slot are consecutive and so are their positions (a "run"), so a
-// pass may hold 5 prompt tokens of slot 0, then one decode token each of slots 2 and 3.
+// pass may hold 5 prompt tokens of slot 0, then one decode token each of slots 2 and 3. The CPU backend computes each
+// run as it would alone (a sequence's results do not depend on what else is in the batch).
 struct Rows {
   const int32_t* ids = nullptr;
   const int32_t* slots = nullptr;

@@ -220,7 +220,7 @@ class PyModel {
     if (logit_rows_obj.is_none()) {
       for (int64_t t = 0; t < rows.T; ++t)
         if (t + 1 == rows.T || slots[size_t(t + 1)] != slots[size_t(t)]) wanted.push_back(t);
-    } else {
+    } else if (py::len(logit_rows_obj) > 0) {  // none at all is fine: a pass that only fills the cache
       for (int32_t r : int32_values(logit_rows_obj, "logit_rows", 0)) wanted.push_back(r);
     }
     const int64_t n = int64_t(wanted.size());

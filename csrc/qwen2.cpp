@@ -234,7 +234,7 @@ void Qwen2Model::run_layers(const KVCache& cache, int64_t T) {
   }
 }
 
-// Final norm of x_'s rows `rows` (ascending) into head_in_, runs of consecutive rows in one op each, then the
+// Final norm of x_'s rows `rows` (ascending, of one run) into head_in_, consecutive rows in one op, then the
 // lm_head over all of them.
 void Qwen2Model::lm_head_rows(const int64_t* rows, int64_t n) {
   const float eps = float(cfg_.rms_norm_eps);
@@ -264,11 +264,22 @@ void Qwen2Model::forward(KVCache& cache, const Rows& rows, const std::vector<int
   const int64_t V = cfg_.vocab_size;
   size_t next = 0;  // the first logit row not yet computed
   for (int64_t done = 0; done < rows.T;) {
-    const int64_t n = std::min(max_batch_, rows.T - done);
+    // A pass of whole runs up to max_batch_ rows; a run longer than that alone is cut every max_batch_ rows from
+    // its start. Either way how a run is cut does not depend on the other runs.
+    int64_t end = done;
+    while (end < rows.T) {
+      int64_t run_end = end + 1;
+      while (run_end < rows.T && rows.slots[run_end] == rows.slots[end]) ++run_end;
+      if (end == done) end = std::min(run_end, done + max_batch_);
+      else if (run_end - done <= max_batch_) end = run_end;
+      else break;
+      if (end < run_end) break;
+    }
+    const int64_t n = end - done;
     const Rows chunk{rows.ids + done, rows.slots + done, rows.positions + done, n};
-    std::vector<int64_t>& wanted = wanted_;  // logit rows of this chunk, relative to it
+    std::vector<int64_t>& wanted = wanted_;  // logit rows of this pass, relative to it
     wanted.clear();
-    for (size_t j = next; j < logit_rows.size() && logit_rows[j] < done + n; ++j) wanted.push_back(logit_rows[j] - done);
+    for (size_t j = next; j < logit_rows.size() && logit_rows[j] < end; ++j) wanted.push_back(logit_rows[j] - done);
     backend_.begin_forward(chunk);
     if (n == 1) {  // one row: the step a backend may record once and replay
       backend_.run_decode_step([&] {
@@ -278,16 +289,19 @@ void Qwen2Model::forward(KVCache& cache, const Rows& rows, const std::vector<int
     } else {
       run_layers(cache, n);
     }
+    // The lm_head in blocks of one run's rows (up to kHeadRows), so each sequence's logits are its own.
     for (size_t j = 0; j < wanted.size();) {
-      const int64_t m = std::min<int64_t>(kHeadRows, int64_t(wanted.size() - j));
+      size_t e = j + 1;
+      while (e < wanted.size() && int64_t(e - j) < kHeadRows && chunk.slots[wanted[e]] == chunk.slots[wanted[j]]) ++e;
+      const int64_t m = int64_t(e - j);
       if (n > 1) lm_head_rows(wanted.data() + j, m);
       const size_t out = next + j;
       if (logits) backend_.download(logits + int64_t(out) * V, logits_.slice_rows(0, m));
       if (argmax) backend_.argmax(logits_.slice_rows(0, m), argmax + out);
-      j += size_t(m);
+      j = e;
     }
     next += wanted.size();
-    done += n;
+    done = end;
   }
   cache.commit(rows);  // only a pass that fully ran is in the cache
 }

@@ -148,12 +148,14 @@ class CpuBackend final : public Backend {
 
   void begin_forward(const Rows& rows) override {
     rows_ = rows;
-    // Attention works on runs of rows that share a slot, in blocks of up to kAttnRows: later rows see more
-    // positions, so smaller items balance the threads.
+    runs_.clear();
     blocks_.clear();
     for (int64_t t = 0; t < rows.T;) {
       int64_t end = t + 1;
       while (end < rows.T && rows.slots[end] == rows.slots[t]) ++end;
+      runs_.push_back({t, end - t});
+      // Attention works on blocks of up to kAttnRows rows of a run: later rows see more positions, so smaller
+      // items balance the threads.
       for (int64_t b = t; b < end; b += kAttnRows) blocks_.push_back({b, std::min(kAttnRows, end - b)});
       t = end;
     }
@@ -175,6 +177,19 @@ class CpuBackend final : public Backend {
   }
 
   void matmul(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias, bool accumulate) override {
+    // Each run of the pass on its own (a single row on the GEMV, several on the GEMM), so that a sequence's results
+    // do not depend on what else is in the batch. x has the pass's rows exactly when it has T of them: other
+    // callers (the lm_head) pass rows of one run.
+    if (runs_.size() > 1 && x.rows == rows_.T) {
+      for (const auto& [r0, n] : runs_)
+        matmul_run(out.slice_rows(r0, n), x.slice_rows(r0, n), weight, bias, accumulate);
+      return;
+    }
+    matmul_run(out, x, weight, bias, accumulate);
+  }
+
+ private:
+  void matmul_run(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias, bool accumulate) {
     const Tensor& w = weight.data;
     const int64_t T = x.rows, n = w.rows, k = w.cols;
     const float* b = bias ? bias->ptr<float>() : nullptr;
@@ -198,6 +213,8 @@ class CpuBackend final : public Backend {
       case Format::BF16: gemm_bf16(out, x, w, b, accumulate); return;
     }
   }
+
+ public:
 
   void rope(const Tensor& q, const Tensor& k, int64_t head_dim, const Tensor& cos, const Tensor& sin) override {
     const int64_t half = head_dim / 2;
@@ -329,6 +346,7 @@ class CpuBackend final : public Backend {
   std::vector<std::vector<uint16_t>> panels_;  // per thread: packed weight panel of the bf16 GEMM
   std::vector<float> xs_;                    // the decode input rearranged for the bf16 GEMV (widest bf16 matrix)
   Rows rows_;                                  // of the current pass
+  std::vector<std::pair<int64_t, int64_t>> runs_;    // (first row, rows): the runs of the current pass
   std::vector<std::pair<int64_t, int64_t>> blocks_;  // (first row, rows): attention blocks of the current pass
 };
 
