@@ -194,8 +194,8 @@ def _argmax(logits) -> int:
 
 
 class Ours:
-    """qwen_native through its public `load`; where that cannot be used (a build before the Python layer, or a
-    test checkpoint without tokenizer.json), the same files through _core.Model directly (`load_via` says which)."""
+    """qwen_native through its public `load`; for a test checkpoint without tokenizer.json (which `load` needs), the
+    same files through _core.Model directly (`load_via` says which)."""
 
     def __init__(self, job):
         self.job = job
@@ -207,29 +207,22 @@ class Ours:
 
         j = self.job
         no_tokenizer = os.path.isdir(j["model"]) and not os.path.exists(os.path.join(j["model"], "tokenizer.json"))
-        if hasattr(qwen_native, "load") and not no_tokenizer:
+        if not no_tokenizer:
             self.model = qwen_native.load(j["model"], dtype=j["dtype"], device=j["device"],
                                           num_threads=j["threads"], max_context=j["max_context"])
             self.core = self.model.core
             self.load_via = "qwen_native.load"
         else:
             from qwen_native import _core
-            from qwen_native.checkpoint import index_shards, tensor_table
+            from qwen_native.checkpoint import tensor_table
+            from qwen_native.config import load_config
+            from qwen_native.hub import local_weights
 
             d = j["model"]
-            with open(os.path.join(d, "config.json")) as f:
-                cfg = json.load(f)
-            index = os.path.join(d, "model.safetensors.index.json")
-            if os.path.exists(index):
-                with open(index) as f:
-                    paths = [os.path.join(d, s) for s in index_shards(json.load(f), index)]
-            else:
-                paths = [os.path.join(d, "model.safetensors")]
-            self.core = _core.Model(cfg, tensor_table(paths), dtype=j["dtype"], device=j["device"],
+            cfg = load_config(os.path.join(d, "config.json")).to_core_dict()
+            self.core = _core.Model(cfg, tensor_table(local_weights(d)), dtype=j["dtype"], device=j["device"],
                                     max_context=j["max_context"], num_threads=j["threads"])
-            self.load_via = ("_core.Model + checkpoint.tensor_table (" +
-                             ("no tokenizer.json, which qwen_native.load needs" if no_tokenizer
-                              else "qwen_native.load not available yet") + ")")
+            self.load_via = "_core.Model + checkpoint.tensor_table (no tokenizer.json, which qwen_native.load needs)"
 
     def unload(self):
         for obj in (self.model, self.core):

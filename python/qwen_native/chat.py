@@ -20,6 +20,8 @@ import os
 from datetime import datetime
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Union
 
+from ._checks import read_small
+from .config import read_json
 from .errors import TemplateError
 
 __all__ = ["ChatTokenizer", "IncrementalDecoder", "Message", "compile_template", "render_template",
@@ -271,17 +273,12 @@ class ChatTokenizer:
                                 "tokenizer (tokenizer.json of the tokenizers library): download it again") from None
         cfg: Dict[str, Any] = {}
         if tokenizer_config_json is not None:
-            try:
-                cfg = json.loads(_read_small(tokenizer_config_json).decode("utf-8"))
-            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-                raise TemplateError(f"cannot read {tokenizer_config_json}: {type(e).__name__}: {e}") from None
-            if not isinstance(cfg, dict):
-                raise TemplateError(f"{tokenizer_config_json} must hold a JSON object")
+            cfg = read_json(tokenizer_config_json, error=TemplateError)
         template = None
         if chat_template_file is not None:
             try:
-                template = _read_small(chat_template_file).decode("utf-8")
-            except (OSError, UnicodeDecodeError, ValueError) as e:
+                template = read_small(chat_template_file, error=TemplateError).decode("utf-8")
+            except UnicodeDecodeError as e:
                 raise TemplateError(f"cannot read {chat_template_file}: {type(e).__name__}: {e}") from None
         return cls(tok, cfg, template)
 
@@ -348,17 +345,6 @@ class ChatTokenizer:
             messages = prompt
         messages = normalize_messages(messages, system)
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
-
-
-def _read_small(path: str) -> bytes:
-    """The bytes of a tokenizer_config.json / chat_template.jinja; ValueError beyond the size such files have."""
-    from .config import MAX_JSON_BYTES
-
-    with open(path, "rb") as f:
-        raw = f.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
-        raise ValueError(f"the file is over {MAX_JSON_BYTES >> 20} MiB, far more than such a file holds; it is corrupt")
-    return raw
 
 
 def _template_from_config(cfg: Mapping[str, Any]) -> Optional[str]:

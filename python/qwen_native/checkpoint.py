@@ -10,6 +10,7 @@ import re
 import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
+from ._checks import is_int as _is_int, short as _short
 from .errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def check_tensors(table: Sequence[TensorEntry], config: "Qwen2Config") -> None:
     """CheckpointError unless the checkpoint holds exactly the tensors config.json implies, with their shapes, in a
     dtype the core reads. The names and shapes come from the core (its one list of Qwen2 parameters), which checks
     them again when it loads; this is the message a user sees, with the file and what to do."""
-    from . import _core  # type: ignore[attr-defined]
+    from . import _core
 
     expected = {name: tuple(shape) for name, shape in _core.parameter_shapes(config.to_core_dict()).items()}
     layers = config.num_hidden_layers
@@ -171,11 +172,3 @@ def index_shards(index: Any, index_path: str = "model.safetensors.index.json") -
             shards.append(shard)
     return shards
 
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _short(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 80 else r[:77] + "..."

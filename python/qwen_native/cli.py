@@ -12,6 +12,8 @@ import re
 import sys
 from typing import Callable, List, NoReturn, Optional, Sequence
 
+from ._checks import one_line as _one_line
+
 PROG = "qwen-native"
 
 # candle's --model names (which-model values) for the Qwen2.5 family, mapped to Hub repos.
@@ -86,11 +88,6 @@ def _model_name(name: str) -> str:
         coder = "Coder-" if m.group(1) else ""
         return f"Qwen/Qwen2.5-{coder}{m.group(2)}B-Instruct"
     return name
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text
 
 
 def _err(message: str) -> None:

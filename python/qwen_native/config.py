@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
 
+from . import _core  # the compiled extension (types: _core.pyi)
+from ._checks import is_int as _is_int, is_number as _is_number, read_small, short as _short
 from .errors import ConfigError
 
 __all__ = ["Qwen2Config", "GenerationDefaults", "parse_config", "load_config", "parse_generation_config",
@@ -20,22 +22,10 @@ __all__ = ["Qwen2Config", "GenerationDefaults", "parse_config", "load_config", "
 
 SUPPORTED_ARCHITECTURE = "Qwen2ForCausalLM"
 
-# The most read of a model's small JSON files (config, generation config, index, tokenizer config; real ones are
-# kilobytes), so a hostile multi-gigabyte one is refused without being read into memory.
-MAX_JSON_BYTES = 64 << 20
-
-# Upper bounds well above any real Qwen2 model (7B: hidden 3584, 28 layers, 152064 vocab, 32768 positions) that
-# still catch corrupt or hostile files before they turn into a multi-terabyte allocation.
-_LIMITS = {
-    "vocab_size": 1 << 22,
-    "hidden_size": 1 << 16,
-    "intermediate_size": 1 << 18,
-    "num_hidden_layers": 1024,
-    "num_attention_heads": 1024,
-    "num_key_value_heads": 1024,
-    "head_dim": 1024,
-    "max_position_embeddings": 1 << 24,
-}
+# Upper bounds of the sizes (far above any real Qwen2 model: 7B has hidden 3584, 28 layers, 152064 vocab, 32768
+# positions) that catch corrupt or hostile files before they turn into a multi-terabyte allocation: the core's own
+# limits, read from it.
+_LIMITS: Dict[str, int] = dict(_core.config_limits)
 
 
 @dataclass(frozen=True)
@@ -97,16 +87,7 @@ def read_json(path: str, what: Optional[str] = None, error: Type[Exception] = Co
     """Read a JSON object from `path`; `error` (ConfigError unless told) naming the file when it is missing,
     oversized or not a JSON object."""
     what = what or os.path.basename(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
-    except FileNotFoundError:
-        raise error(f"{what} not found at {path}") from None
-    except OSError as e:
-        raise error(f"cannot read {what} at {path}: {e.strerror or e}") from None
-    if len(raw) > MAX_JSON_BYTES:
-        raise error(f"{what} at {path} is over {MAX_JSON_BYTES >> 20} MiB, far more than such a file holds; "
-                    "the file is corrupt")
+    raw = read_small(path, what, error)
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -116,20 +97,6 @@ def read_json(path: str, what: Optional[str] = None, error: Type[Exception] = Co
     if not isinstance(data, dict):
         raise error(f"{what} at {path} must hold a JSON object, not {type(data).__name__}")
     return data
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _short(v: Any) -> str:
-    """repr(v), cut to a readable length (a hostile file can hold a 10,000-digit number)."""
-    r = repr(v)
-    return r if len(r) <= 80 else r[:77] + "..."
 
 
 def _to_float(v: Any) -> float:
@@ -163,8 +130,8 @@ def _positive_float(d: Mapping[str, Any], key: str, src: str, default: float, up
     if not _is_number(v):
         raise ConfigError(f"{src}: \"{key}\" must be a number, got {_short(v)}")
     v = _to_float(v)
-    if not (math.isfinite(v) and 0.0 < v < upper):
-        bound = f" and below {upper}" if upper != math.inf else ""
+    if not (math.isfinite(v) and 0.0 < v <= upper):
+        bound = f" up to {upper:g}" if upper != math.inf else ""
         raise ConfigError(f"{src}: \"{key}\" must be a positive finite number{bound}, got {_short(v)}")
     return v
 
@@ -247,8 +214,8 @@ def parse_config(d: Mapping[str, Any], source: str = "config.json") -> Qwen2Conf
     if hd % 2:
         raise ConfigError(f"{src}: \"head_dim\" ({hd}) must be even for rotary embeddings")
     max_pos = _size(d, "max_position_embeddings", src)
-    theta = _positive_float(d, "rope_theta", src, rope_theta_default, upper=1e12)  # the core's bound
-    eps = _positive_float(d, "rms_norm_eps", src, 1e-6, upper=1.0)
+    theta = _positive_float(d, "rope_theta", src, rope_theta_default, upper=_core.max_rope_theta)
+    eps = _positive_float(d, "rms_norm_eps", src, 1e-6, upper=_core.max_rms_norm_eps)
     tie = d.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise ConfigError(f"{src}: \"tie_word_embeddings\" must be true or false, got {_short(tie)}")

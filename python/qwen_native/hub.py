@@ -18,7 +18,7 @@ from .checkpoint import read_index
 from .config import load_config
 from .errors import CheckpointError, ModelNotFoundError, QwenNativeError, TemplateError
 
-__all__ = ["ModelFiles", "resolve", "is_local_path"]
+__all__ = ["ModelFiles", "resolve", "is_local_path", "local_weights"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -103,23 +103,27 @@ def _resolve_local(directory: str, check_config: bool) -> ModelFiles:
     if tokenizer is None:
         raise TemplateError(f"{directory} has no tokenizer.json (the 'fast' tokenizer file qwen_native reads); "
                             "copy it from the model's Hub repo")
-    single = path(SINGLE_FILE)
-    if single is not None:
-        weights: Tuple[str, ...] = (single,)
-    else:
-        index = path(INDEX_FILE)
-        if index is None:
-            raise CheckpointError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}; qwen_native reads "
-                                  "safetensors weights only")
-        shards = read_index(index)
-        missing = [s for s in shards if path(s) is None]
-        if missing:
-            raise CheckpointError(f"{index} names shard(s) missing from {directory}: {', '.join(missing)} (an "
-                                  "incomplete download? download the missing files again)")
-        weights = tuple(os.path.join(directory, s) for s in shards)
     return ModelFiles(directory=directory, config=config, tokenizer=tokenizer,
                       tokenizer_config=path("tokenizer_config.json"), chat_template=path("chat_template.jinja"),
-                      generation_config=path("generation_config.json"), weights=weights)
+                      generation_config=path("generation_config.json"), weights=local_weights(directory))
+
+
+def local_weights(directory: str) -> Tuple[str, ...]:
+    """The safetensors files of a local model directory: model.safetensors, else exactly the shards its
+    model.safetensors.index.json names (CheckpointError when one is missing)."""
+    single = os.path.join(directory, SINGLE_FILE)
+    if os.path.isfile(single):
+        return (single,)
+    index = os.path.join(directory, INDEX_FILE)
+    if not os.path.isfile(index):
+        raise CheckpointError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}; qwen_native reads "
+                              "safetensors weights only")
+    shards = read_index(index)
+    missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+    if missing:
+        raise CheckpointError(f"{index} names shard(s) missing from {directory}: {', '.join(missing)} (an "
+                              "incomplete download? download the missing files again)")
+    return tuple(os.path.join(directory, s) for s in shards)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._checks import short as _short
+
 __all__ = ["SamplingParams", "Sampler", "apply_repetition_penalty", "candidates", "token_distribution",
            "check_sampling_args"]
 
@@ -52,14 +54,6 @@ def _int(name: str, v: Any) -> int:
         return operator.index(v)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {type(v).__name__} {_short(v)}") from None
-
-
-def _short(v: Any) -> str:
-    try:
-        r = repr(v)
-    except Exception:  # a repr that fails (or an int too long to print) must not replace the real error
-        r = f"<{type(v).__name__}>"
-    return r if len(r) <= 60 else r[:57] + "..."
 
 
 @dataclass(frozen=True)

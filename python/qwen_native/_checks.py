@@ -1,0 +1,50 @@
+"""Small helpers the Python layer shares for checking values and wording errors (one copy of each)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Type
+
+# The most read of a model's small files (config, generation config, index, tokenizer config, chat template; real
+# ones are kilobytes), so a hostile multi-gigabyte one is refused without being read into memory.
+MAX_SMALL_FILE = 64 << 20
+
+
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (JSON true is not a size)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def short(v: Any, limit: int = 80) -> str:
+    """repr(v) cut to a readable length (a hostile file can hold a 10,000-digit number); never raises."""
+    try:
+        r = repr(v)
+    except Exception:  # a repr that fails (or an int too long to print) must not replace the real error
+        r = f"<{type(v).__name__}>"
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type name when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def read_small(path: str, what: Optional[str] = None, error: Type[Exception] = ValueError) -> bytes:
+    """The bytes of one of a model's small files; `error` naming the file when it is missing, unreadable or larger
+    than such a file can be."""
+    what = what or os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SMALL_FILE + 1)
+    except FileNotFoundError:
+        raise error(f"{what} not found at {path}") from None
+    except OSError as e:
+        raise error(f"cannot read {what} at {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_SMALL_FILE:
+        raise error(f"{what} at {path} is over {MAX_SMALL_FILE >> 20} MiB, far more than such a file holds; the "
+                    "file is corrupt")
+    return raw
