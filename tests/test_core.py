@@ -24,7 +24,8 @@ NEXT = [11, 200, 7, 150, 33, 90, 2, 180, 45, 260, 13, 99]  # fed one at a time a
 
 
 def load(directory: str, **kw) -> _core.Model:
-    cfg = core_config(json.load(open(os.path.join(directory, "config.json"))))
+    with open(os.path.join(directory, "config.json")) as f:
+        cfg = core_config(json.load(f))
     kw.setdefault("num_threads", 2)
     return _core.Model(cfg, tensor_table(sorted(glob.glob(os.path.join(directory, "*.safetensors")))), **kw)
 
@@ -152,7 +153,8 @@ from qwen_native.checkpoint import tensor_table
 from reference import reference_logits, rel_err
 from fixtures import core_config, stored_values, random_weights
 d = sys.argv[1]
-cfg = json.load(open(d + "/config.json"))
+with open(d + "/config.json") as f:
+    cfg = json.load(f)
 w = stored_values(random_weights(cfg, seed=0), "BF16")
 ids = list(range(1, 40, 3))
 ref = reference_logits(w, cfg, ids + [5, 6])
@@ -332,3 +334,164 @@ def test_close_frees_and_later_calls_raise(tmp_path):
     assert m.closed
     with pytest.raises(RuntimeError, match="closed"):
         m.decode(1)
+
+
+# --- sequences as data: a KV cache of several slots, ragged passes -------------------------------------------------
+
+def rows(*runs):
+    """(slots, ids, positions) of a pass from runs (slot, first position, ids)."""
+    slots, ids, pos = [], [], []
+    for slot, start, run in runs:
+        slots += [slot] * len(run)
+        ids += list(run)
+        pos += list(range(start, start + len(run)))
+    return slots, ids, pos
+
+
+SEQS = {0: IDS[:5] + NEXT[:3], 2: IDS[3:6] + IDS[:4] + NEXT[5:8], 3: IDS[2:9] + NEXT[:2]}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ragged_batch_equals_each_sequence_alone(tmp_path, dtype):
+    """Three sequences in slots 0, 2 and 3 of one cache, run as ragged passes (prompt rows of some slots beside
+    decode rows of others) give each sequence the logits it gets alone: against the numpy reference, and bit for
+    bit against a one-slot model fed only that sequence (a sequence's arithmetic does not depend on the batch)."""
+    d, cfg, stored = checkpoint(tmp_path, disk_dtype="BF16", tie_word_embeddings=False)
+    m = load(d, dtype=dtype, num_slots=4)
+    assert m.num_slots == 4 and m.lengths == [0, 0, 0, 0]
+    # pass 1: prompts of 5, 3 and 7 tokens; pass 2: a decode row of 0, 4 more prompt rows of 2, a decode row of 3;
+    # then decode rows of all three, twice
+    passes = [[(0, 0, SEQS[0][:5]), (2, 0, SEQS[2][:3]), (3, 0, SEQS[3][:7])],
+              [(0, 5, SEQS[0][5:6]), (2, 3, SEQS[2][3:7]), (3, 7, SEQS[3][7:8])],
+              [(0, 6, SEQS[0][6:7]), (2, 7, SEQS[2][7:8]), (3, 8, SEQS[3][8:9])],
+              [(2, 8, SEQS[2][8:9]), (0, 7, SEQS[0][7:8])]]
+    got = {s: [] for s in SEQS}  # (position, logits) of the last row of each run
+    for p in passes:
+        out = m.forward(*rows(*p))
+        assert out.shape == (len(p), cfg["vocab_size"])
+        for (slot, start, run), logits in zip(p, out):
+            got[slot].append((start + len(run) - 1, logits))
+    assert m.lengths == [8, 0, 9, 9]
+    tol = TOL if dtype == "float32" else BF16_PREFILL_TOL
+    w = stored if dtype == "float32" else {k: v if v.ndim == 1 else v for k, v in stored.items()}
+    for slot, seq in SEQS.items():
+        ref = reference_logits(w, cfg, seq)
+        alone = load(d, dtype=dtype)
+        single = {}
+        for p in passes:  # the same runs, this sequence only
+            for s, start, run in p:
+                if s == slot:
+                    single[start + len(run) - 1] = alone.prefill(run)
+        for pos, logits in got[slot]:
+            assert rel_err(logits, ref[pos]) < tol, (slot, pos)
+            np.testing.assert_array_equal(logits, single[pos], err_msg=f"slot {slot} position {pos}")
+
+
+def test_logit_rows_and_argmax_of_a_ragged_pass(tmp_path):
+    d, cfg, w = checkpoint(tmp_path)
+    m = load(d, num_slots=2)
+    slots, ids, pos = rows((1, 0, IDS[:6]), (0, 0, NEXT[:4]))
+    every = m.forward(slots, ids, pos, logit_rows=list(range(10)))
+    ref1, ref0 = reference_logits(w, cfg, IDS[:6]), reference_logits(w, cfg, NEXT[:4])
+    assert rel_err(every[:6], ref1) < TOL and rel_err(every[6:], ref0) < TOL
+    m.reset()
+    ids_out = m.forward(slots, ids, pos, logit_rows=[2, 5, 9], argmax=True)
+    assert ids_out.dtype == np.int32
+    assert list(ids_out) == [int(np.argmax(ref1[2])), int(np.argmax(ref1[5])), int(np.argmax(ref0[3]))]
+
+
+def test_truncating_or_resetting_one_slot_leaves_the_others(tmp_path):
+    d, _, _ = checkpoint(tmp_path)
+    m, alone = load(d, num_slots=3), load(d)
+    m.forward(*rows((0, 0, IDS), (1, 0, NEXT), (2, 0, IDS[:7])))
+    alone.prefill(IDS)
+    m.truncate(4, slot=1)
+    m.reset(slot=2)
+    assert m.lengths == [len(IDS), 4, 0]
+    np.testing.assert_array_equal(m.decode(5, slot=0), alone.decode(5))
+    # the truncated and the reset slot continue like fresh runs of what they kept (to rounding: the kept keys and
+    # values came from a longer batched pass)
+    fresh = load(d)
+    fresh.prefill(NEXT[:4])
+    assert rel_err(m.decode(9, slot=1), fresh.decode(9)) < 1e-5
+    fresh.reset()
+    np.testing.assert_array_equal(m.prefill(IDS[:3], slot=2), fresh.prefill(IDS[:3]))
+    with pytest.raises(IndexError, match="slot 3 does not exist"):
+        m.truncate(0, slot=3)
+    m.reset()
+    assert m.lengths == [0, 0, 0]
+
+
+def test_ragged_pass_errors_leave_the_cache_unchanged(tmp_path):
+    d, cfg, _ = checkpoint(tmp_path, max_position_embeddings=16)
+    m = load(d, num_slots=2)
+    m.prefill([1, 2, 3], slot=1)
+    bad = [
+        (([2], [1], [0]), IndexError, "slot 2 does not exist"),
+        (([0, 1, 0], [1, 2, 3], [0, 3, 1]), ValueError, "consecutive"),
+        (([1], [1], [0]), ValueError, "holds 3 positions, so its next row is at position 3"),
+        (([0, 0], [1, 2], [0, 2]), ValueError, "consecutive"),
+        (([0] * 17, [1] * 17, list(range(17))), IndexError, "do not fit"),
+        (([0], [cfg["vocab_size"]], [0]), IndexError, "outside the vocabulary"),
+        (([0, 1], [1], [0, 3]), ValueError, "same length"),
+    ]
+    for args, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            m.forward(*args)
+    with pytest.raises(IndexError, match="logit rows"):
+        m.forward([0, 0], [1, 2], [0, 1], logit_rows=[1, 0])
+    assert m.lengths == [0, 3]
+
+
+def test_mixed_weight_formats_match_the_reference(tmp_path):
+    """One model holding float32 and bfloat16 matrices: each tensor in its own format, byte-exact."""
+    d, cfg, stored = checkpoint(tmp_path, tie_word_embeddings=False)
+    as_bf16 = ["model.embed_tokens.weight", "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
+               "model.layers.0.self_attn.o_proj.weight"]
+    w = dict(stored)
+    for name in as_bf16:
+        w[name] = stored_values({name: stored[name]}, "BF16")[name]
+    ref = reference_logits(w, cfg, IDS + NEXT)
+    m = load(d, weight_formats={name: "bfloat16" for name in as_bf16})
+    assert m.weight_format == "mixed" and load(d).weight_format == "float32"
+    assert rel_err(m.prefill(IDS, all_logits=True), ref[: len(IDS)]) < TOL
+    for step, tok in enumerate(NEXT):
+        assert rel_err(m.decode(tok), ref[len(IDS) + step]) < TOL
+    # the other way round: bfloat16 matrices with a float32 lm_head
+    m = load(d, dtype="bfloat16", weight_formats={"lm_head.weight": "float32"})
+    w = {k: v if v.ndim == 1 or k == "lm_head.weight" else stored_values({k: v}, "BF16")[k] for k, v in stored.items()}
+    m.prefill(IDS)
+    assert rel_err(m.decode(NEXT[0]), reference_logits(w, cfg, IDS + NEXT[:1])[-1]) < TOL
+    with pytest.raises(ValueError, match="stacked matrix"):
+        load(d, weight_formats={"model.layers.0.self_attn.q_proj.weight": "bfloat16"})
+    with pytest.raises(ValueError, match="float32"):
+        load(d, weight_formats={"model.norm.weight": "bfloat16"})
+    with pytest.raises(ValueError, match="not a matrix of this model"):
+        load(d, weight_formats={"model.layers.7.mlp.up_proj.weight": "bfloat16"})
+    with pytest.raises(ValueError, match="weight format"):
+        load(d, weight_formats={"lm_head.weight": "int3"})
+
+
+def test_memory_check_names_the_kv_cache(tmp_path):
+    d, _, _ = checkpoint(tmp_path, max_position_embeddings=4096)
+    with pytest.raises(RuntimeError, match=r"KV cache \d+ MiB \(1000000 slot\(s\) x 4096 positions\)"):
+        load(d, num_slots=1_000_000, max_context=4096)
+
+
+def test_interrupt_from_another_thread_abandons_the_pass(tmp_path):
+    import threading
+    import time
+
+    d, cfg, _ = checkpoint(tmp_path, num_hidden_layers=24, max_position_embeddings=4096)
+    m = load(d, max_context=4096, num_threads=1)
+    m.prefill(IDS)
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, cfg["vocab_size"], 4000)]
+    timer = threading.Timer(0.05, m.interrupt)
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(_core.Interrupted):
+        m.prefill(ids)
+    assert time.perf_counter() - t0 < 5
+    timer.join()
+    assert m.length == len(IDS)
+    assert rel_err(m.decode(NEXT[0]), load(d).prefill(IDS + NEXT[:1])) < TOL  # the cache is as it was
