@@ -222,8 +222,16 @@ def plan_engines(args, dtypes: List[str]) -> List[Dict[str, Any]]:
     cuda = args.device.startswith("cuda")
     plan: List[Dict[str, Any]] = []
     peers = list(args.peer or [])
+    also = []
+    for spec in args.also_ours or []:
+        label, sep, python = spec.partition("=")
+        if not sep or not label or not python:
+            raise SystemExit(f"--also-ours wants LABEL=PYTHON, got {spec!r}")
+        also.append((label, python))
     for dt in dtypes:
         plan.append({"engine": "ours", "kind": "ours", "dtype": dt})
+        for label, python in also:  # another build of ours (e.g. the commit before a change) in the same run
+            plan.append({"engine": f"ours-{label}", "kind": "ours", "dtype": dt, "python": python})
         for p in peers:
             if p == "transformers":
                 if cuda:
@@ -435,6 +443,9 @@ def parse_args(argv=None):
     ap.add_argument("--json", default=None, help="write every figure (and the raw per-repeat times) here")
     ap.add_argument("--markdown", default=None, help="also write the table as Markdown here")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs ours and the CPU probe (default: this one)")
+    ap.add_argument("--also-ours", action="append", default=[], metavar="LABEL=PYTHON",
+                    help="also run ours from another interpreter (another build, e.g. the previous commit), as "
+                         "engine ours-LABEL; repeatable")
     ap.add_argument("--peer-python", default=None,
                     help="interpreter that runs the peers (default: --python), e.g. a venv with torch/llama_cpp")
     ap.add_argument("--text-file", default=None, help="text to tokenize for the prompts (default: stdlib sources)")
@@ -542,7 +553,7 @@ def main(argv=None) -> int:
             wait_quiet(args.wait_quiet, args.quiet_below)
         la = loadavg()
         print(f"running {label} (load average {la}) ...", flush=True)
-        res = run_worker(job, args.python if e["kind"] == "ours" else peer_python,
+        res = run_worker(job, e.get("python") or (args.python if e["kind"] == "ours" else peer_python),
                          args.compile_timeout if e.get("compile") else args.timeout, args.verbose)
         res["dtype"] = e.get("dtype")
         res["loadavg_at_start"] = la

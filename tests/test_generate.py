@@ -253,21 +253,23 @@ class CoreProxy:
 
 
 @pytest.mark.parametrize("method, at, after", [
-    ("prefill", 1, False), ("prefill", 1, True), ("decode_argmax", 3, False), ("decode_argmax", 3, True),
-    ("decode", 2, True), ("truncate", 1, False),
+    ("forward", 1, False), ("forward", 1, True), ("forward", 3, False), ("forward", 3, True), ("truncate", 1, False),
+    ("truncate", 1, True),
 ])
 def test_interrupt_leaves_the_model_usable(model_dir, method, at, after):
+    """An exception (here KeyboardInterrupt) out of the native model, before or after its call did its work (the
+    prompt pass, a decode pass, the truncation that reuses a cached prefix), reaches the caller; the KV cache
+    bookkeeping stays consistent and the model then generates what it did before."""
     d = model_dir()
     with qwen_native.load(d, num_threads=1) as m:
         expected = m.generate("Tell me a story", max_new_tokens=12).token_ids
         m.generate("Tell me", max_new_tokens=2)  # something cached, so truncate is called next
-        real = m.core
-        m.core = CoreProxy(real, method, at, after)
-        kw = {"repetition_penalty": 1.5} if method == "decode" else {}
+        real = m._scheduler.core
+        m._scheduler.core = CoreProxy(real, method, at, after)
         with pytest.raises(KeyboardInterrupt):
-            m.generate("Tell me a story", max_new_tokens=12, **kw)
-        m.core = real
-        assert m.core.length == len(m._cached)
+            m.generate("Tell me a story", max_new_tokens=12)
+        m._scheduler.core = real
+        assert m._scheduler.idle and m._scheduler.consistent()
         assert m.generate("Tell me a story", max_new_tokens=12).token_ids == expected
 
 
@@ -284,15 +286,29 @@ def test_real_ctrl_c_during_streaming(model_dir):
         assert m.generate("Tell me a story", max_new_tokens=16).token_ids == expected
 
 
-def test_abandoned_stream_in_the_same_thread(tiny_model, baseline):
+def test_unfinished_stream_in_the_same_thread(tiny_model, baseline):
+    """A stream left open does not block the next request of its own thread, and that request does not stop it:
+    each gets exactly the tokens it gets alone."""
     s = tiny_model.generate("Tell me a story", max_new_tokens=24, stream=True, **GREEDY)
-    next(s)
-    r = tiny_model.generate("Tell me a story", max_new_tokens=24, **GREEDY)  # stops the open stream
+    first = next(s)
+    r = tiny_model.generate("Tell me a story", max_new_tokens=24, **GREEDY)
     assert r.token_ids == baseline.token_ids
-    assert list(s) == [] and s.result is None
+    assert first + "".join(s) == baseline.text and s.result is not None
+    assert s.result.token_ids == baseline.token_ids
     with tiny_model.generate("Tell me a story", max_new_tokens=24, stream=True, **GREEDY) as s2:
         next(s2)
+    assert list(s2) == [] and s2.result is None  # closed by its owner: nothing more comes
     assert tiny_model.generate("Tell me a story", max_new_tokens=24, **GREEDY).token_ids == baseline.token_ids
+
+
+def test_unfinished_stream_with_one_slot(tiny_dir, baseline):
+    """With room for one sequence, a second request of the thread holding an unfinished stream waits for that
+    stream's generation (which runs ahead of its reader) instead of deadlocking or stopping it."""
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=1) as m:
+        s = m.generate("Tell me a story", max_new_tokens=24, stream=True, **GREEDY)
+        first = next(s)
+        assert m.generate("Tell me a story", max_new_tokens=24, **GREEDY).token_ids == baseline.token_ids
+        assert first + "".join(s) == baseline.text
 
 
 def test_threads_are_serialized(tiny_model, baseline):
@@ -408,7 +424,7 @@ def test_bad_prompts(tiny_model, prompt, exc):
     with pytest.raises(exc) as e:
         tiny_model.generate(prompt)
     assert str(e.value)
-    assert tiny_model.core.length == len(tiny_model._cached)
+    assert tiny_model._scheduler.consistent()
 
 
 def test_empty_prompt_without_template(tiny_model):
@@ -472,31 +488,33 @@ def test_dropped_stream_frees_the_model_at_once(tiny_model, baseline):
         gc.enable()
 
 
-def test_interrupt_between_steps_frees_the_model(tiny_model, baseline, monkeypatch):
-    """Ctrl-C that lands in generate()'s own loop, between two steps of the generation (not inside it), still
-    frees the model at once, even while the traceback (which keeps generate's frame) is alive."""
-    calls = [0]
+def test_interrupt_while_waiting_stops_the_generation(tiny_dir, baseline, monkeypatch):
+    """Ctrl-C that lands in generate() while it waits for its result (not inside a native pass) stops the
+    generation at the next step and frees its place in the model, even while the traceback is alive."""
+    from qwen_native import scheduler
 
-    def interrupted_next(gen):
-        out = next(gen)
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt  # the generation is suspended at a yield right now
-        return out
+    seen = []
 
-    monkeypatch.setattr(engine, "next", interrupted_next, raising=False)
-    try:
-        tiny_model.generate("Tell me a story", max_new_tokens=24, **GREEDY)
-    except KeyboardInterrupt as e:
-        kept = e  # noqa: F841 - keep the traceback alive
-    monkeypatch.delattr(engine, "next")
-    assert calls[0] == 3
-    out = []
-    t = threading.Thread(daemon=True, target=lambda: out.append(
-        tiny_model.generate("Tell me a story", max_new_tokens=24, **GREEDY).token_ids))
-    t.start()
-    t.join(timeout=30)
-    assert not t.is_alive() and out == [baseline.token_ids]
+    def interrupted_wait(self):
+        seen.append(self)
+        raise KeyboardInterrupt
+
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=1) as m:
+        monkeypatch.setattr(scheduler.Request, "wait", interrupted_wait)
+        try:
+            m.generate("Tell me a story", max_new_tokens=150, **GREEDY)
+        except KeyboardInterrupt as e:
+            kept = e  # noqa: F841 - keep the traceback alive
+        monkeypatch.undo()
+        assert seen and seen[0].cancelled
+        out = []
+        t = threading.Thread(daemon=True, target=lambda: out.append(
+            m.generate("Tell me a story", max_new_tokens=24, **GREEDY).token_ids))
+        t.start()
+        t.join(timeout=30)
+        assert not t.is_alive() and out == [baseline.token_ids]
+        assert seen[0].done and seen[0].outcome is None  # stopped, never finished
+        assert m._scheduler.idle and m._scheduler.consistent()
 
 
 def test_public_api():

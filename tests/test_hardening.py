@@ -270,7 +270,7 @@ BAD_FILES: List[Tuple[str, int, Callable[[pathlib.Path], None], type, str]] = [
      "tokenizer.json has 403 tokens but config.json's vocab_size is 400"),
     ("tokenizer-config-not-json", 1, write("tokenizer_config.json", "{"), TemplateError, "tokenizer_config.json"),
     ("tokenizer-config-nested-deeply", 1, write("tokenizer_config.json", "[" * 100000 + "]" * 100000),
-     TemplateError, "RecursionError"),
+     TemplateError, "tokenizer_config.json .* nested too deeply"),
     ("tokenizer-config-huge", 1, lambda d: os.truncate(d / "tokenizer_config.json", 65 << 20), TemplateError,
      "over 64 MiB"),
     ("chat-template-not-a-string", 1, json_edit("tokenizer_config.json", lambda t: t.update(chat_template=5)),
@@ -383,7 +383,7 @@ INTERRUPT_SCRIPT = r"""
 import json, os, signal, sys, threading, time, traceback
 import qwen_native
 
-m = qwen_native.load(sys.argv[1], num_threads=2, max_context=1024)
+m = qwen_native.load(sys.argv[1], num_threads=2, max_context=1024, max_batch=1)  # one slot: a new prompt evicts
 PROMPT = "word " * 80
 KW = dict(chat_template=False, max_new_tokens=60, do_sample=False, repetition_penalty=1.0)
 ref = m.generate(PROMPT, **KW)
@@ -405,10 +405,12 @@ def interrupted(delay, prompt):
         m.generate(prompt, **KW)
     except KeyboardInterrupt as e:
         end = time.perf_counter()
-        frame = traceback.extract_tb(e.__traceback__)[-1]
+        while not m._scheduler.idle:  # the scheduler thread abandons the pass it was running
+            time.sleep(0.0005)
+        stopped = time.perf_counter()
         timer.join()
-        return {"latency_s": end - fired[0], "since_start_s": end - start, "line": frame.line,
-                "consistent": m.core.length == len(m._cached)}
+        return {"latency_s": end - fired[0], "stopped_s": stopped - fired[0], "since_start_s": end - start,
+                "consistent": m._scheduler.consistent()}
     timer.cancel()
     return {"latency_s": None}
 
@@ -439,14 +441,15 @@ def test_real_sigint_during_prefill_and_decode(deep_dir):
     r = json.loads(p.stdout.strip().splitlines()[-1])
     pre, dec = r["prefill"], r["decode"]
     assert pre["latency_s"] is not None and dec["latency_s"] is not None, r  # both runs were interrupted
-    # The prefill is one native call: stopping inside it means the core itself raised (between two layers),
-    # long before the pass would have finished.
-    assert "core.prefill(" in pre["line"], r
+    # The prefill is one native pass: the scheduler is idle long before it would have finished, so the core
+    # itself stopped it (between two layers).
     assert pre["latency_s"] < 0.05 + 0.25 * r["prefill_s"], r
+    assert pre["stopped_s"] < 0.05 + 0.25 * r["prefill_s"], r
     assert pre["consistent"] and dec["consistent"], r
     # The decode: the signal lands inside a native step (most likely) or in the Python between two: either way
     # the step in progress is the last.
     assert dec["latency_s"] < 0.1 + 3 * r["step_s"], r
+    assert dec["stopped_s"] < 0.1 + 3 * r["step_s"], r
     assert r["after_prefill_ok"] and r["after_decode_ok"] and r["fresh_ok"], r
 
 

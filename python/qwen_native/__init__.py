@@ -8,8 +8,8 @@
 """
 
 from ._version import __version__
-from .engine import (DEFAULT_MODEL, GenerationResult, GenerationStream, Model, clear_model_cache, generate,
-                     load)
+from .engine import (DEFAULT_MODEL, GenerationOptions, GenerationResult, GenerationStream, Model, clear_model_cache,
+                     generate, load)
 from .errors import (CheckpointError, ConfigError, ModelNotFoundError, QwenNativeError, TemplateError)
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Model",
     "GenerationResult",
     "GenerationStream",
+    "GenerationOptions",
     "clear_model_cache",
     "DEFAULT_MODEL",
     "QwenNativeError",

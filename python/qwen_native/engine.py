@@ -1,8 +1,11 @@
-"""The user-facing model: load the files, tokenize the prompt, run the native core, pick tokens, stream text.
+"""The user-facing model: load the files, tokenize the prompt, hand the request to the model's scheduler, stream
+its text back.
 
-One :class:`Model` owns one native model and its KV cache. ``generate`` calls are serialized with a lock (the
-native core serves one thread at a time). The KV cache is kept between calls: when a new prompt starts with the ids
-already cached (the next turn of a conversation), only the new ids are prefilled.
+One :class:`Model` owns one native model, whose KV cache has a slot per sequence that can run at once
+(``max_batch``). ``generate`` may be called from any number of threads (or from asyncio through a thread): each call
+is a request in the model's queue (scheduler.py), batched with the others step by step, and the KV cache is kept
+between calls: a prompt that starts with ids a slot already holds (the next turn of a conversation) only prefills
+the rest.
 """
 
 from __future__ import annotations
@@ -12,23 +15,22 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Generator, Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
 
-import numpy as np
-
-from . import _core  # type: ignore[attr-defined]  # the compiled extension
+from . import _core  # the compiled extension (types: _core.pyi)
 from .chat import ChatTokenizer, Message
 from .checkpoint import check_tensors, checkpoint_dtype, tensor_table
 from .config import GenerationDefaults, Qwen2Config, load_config, load_generation_config
 from .errors import ConfigError
+from .generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from .hub import ModelFiles, resolve
-from .sampling import Sampler, SamplingParams, check_sampling_args
+from .scheduler import Outcome, Request, Scheduler
 
-__all__ = ["Model", "GenerationResult", "GenerationStream", "load", "generate", "clear_model_cache",
-           "DEFAULT_MODEL", "DEFAULT_MAX_NEW_TOKENS"]
+__all__ = ["Model", "GenerationResult", "GenerationStream", "GenerationOptions", "load", "generate",
+           "clear_model_cache", "DEFAULT_MODEL", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_MAX_BATCH"]
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
-DEFAULT_MAX_NEW_TOKENS = 1024
+DEFAULT_MAX_BATCH = 4  # sequences at once (KV cache slots) unless load() is told otherwise
 
 Prompt = Union[str, Sequence[Message]]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -44,8 +46,9 @@ class GenerationResult:
     ``token_ids`` are the generated ids (an EOS id that ended generation included); ``text`` is their text
     with special tokens left out and cut before a stop string. ``finish_reason`` is "stop" (EOS id or stop
     string) or "length" (max_new_tokens reached). ``prefill_tokens`` counts the prompt ids actually computed
-    (``prompt_tokens`` minus ``cached_tokens`` reused from the previous call's KV cache); ``decode_tokens``
-    counts single-token decode steps (every generated token after the first)."""
+    (``prompt_tokens`` minus ``cached_tokens`` reused from an earlier call's KV cache); ``decode_tokens``
+    counts single-token decode steps (every generated token after the first). Times are wall-clock seconds of the
+    passes this generation took part in (shared with whatever ran beside it)."""
 
     text: str
     token_ids: List[int]
@@ -65,96 +68,58 @@ class GenerationResult:
     def __str__(self) -> str:
         return self.text
 
+    @classmethod
+    def _of(cls, o: Outcome) -> "GenerationResult":
+        prefill_n = o.prompt_tokens - o.cached_tokens
+        return cls(text=o.text, token_ids=o.token_ids, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
+                   cached_tokens=o.cached_tokens, prefill_tokens=prefill_n, prefill_s=o.prefill_s,
+                   prefill_tok_s=prefill_n / o.prefill_s if o.prefill_s > 0 else 0.0, decode_tokens=o.decode_tokens,
+                   decode_s=o.decode_s, decode_tok_s=o.decode_tokens / o.decode_s if o.decode_s > 0 else 0.0,
+                   ttft_s=o.ttft_s, total_s=o.total_s, stop_string=o.stop_string)
+
 
 class GenerationStream(Iterator[str]):
     """Iterator over the text pieces of a streaming ``generate`` call; ``"".join(pieces)`` is the final text.
 
     After the last piece, ``result`` holds the :class:`GenerationResult`. ``close()`` (or leaving a ``with``
-    block, or dropping the stream) stops generation early and frees the model for the next call."""
+    block, or dropping the stream) stops the generation and frees its place in the model at once. Ctrl-C while
+    waiting for a piece stops it too. The model generates ahead of a slow reader; other calls never wait for it."""
 
-    def __init__(self, model: "Model", plan: "_Plan"):
+    def __init__(self, model: "Model", request: Request):
         self.result: Optional[GenerationResult] = None
-        # A weak reference: the generator must not keep its stream alive (a cycle would hold the model's lock
-        # until the garbage collector ran).
-        self._gen = model._run(plan, weakref.ref(self))
+        self._model = model  # kept alive while its stream is read: load(...).generate(..., stream=True) works
+        self._request = request
+        self._closed = False
+        # Dropping the stream cancels its request (the scheduler holds the request, never the stream).
+        self._finalizer = weakref.finalize(self, request.cancel)
 
     def __iter__(self) -> "GenerationStream":
         return self
 
     def __next__(self) -> str:
+        if self._closed:
+            raise StopIteration
         try:
-            return next(self._gen)
-        except StopIteration as stop:
-            if stop.value is not None:
-                self.result = stop.value
-            raise StopIteration from None
+            piece = self._request.next_piece()
+        except BaseException:
+            self._request.cancel()  # Ctrl-C while waiting, or the generation failed
+            raise
+        if piece is None:
+            if self._request.outcome is not None and self.result is None:
+                self.result = GenerationResult._of(self._request.outcome)
+            raise StopIteration
+        return piece
 
     def close(self) -> None:
-        """Stop generating; the model is free again."""
-        self._gen.close()
+        """Stop generating; the model is free of this call at once. Nothing more comes from the stream."""
+        self._closed = True
+        self._request.cancel()
 
     def __enter__(self) -> "GenerationStream":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-@dataclass
-class _Plan:
-    ids: List[int]
-    params: SamplingParams
-    seed: Optional[int]
-    max_new_tokens: int
-    stops: Tuple[str, ...]
-    eos: FrozenSet[int]
-    t0: float
-
-
-class _StopScanner:
-    """Cuts the text before the first stop string, holding back only a tail that could start one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = tuple(stops)
-        self.buf = ""
-        self.hit: Optional[str] = None
-
-    def feed(self, piece: str) -> Tuple[str, bool]:
-        """Text that is safe to emit now, and whether a stop string was found (then nothing more follows)."""
-        if not self.stops:
-            return piece, False
-        self.buf += piece
-        first, which = -1, None
-        for s in self.stops:
-            i = self.buf.find(s)
-            if i != -1 and (first == -1 or i < first):
-                first, which = i, s
-        if first != -1:
-            out, self.buf, self.hit = self.buf[:first], "", which
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), hold, -1):
-                if self.buf.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(self.buf) - hold
-        out, self.buf = self.buf[:cut], self.buf[cut:]
-        return out, False
-
-    def finish(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    x = np.asarray(a[:n], dtype=np.int64)
-    y = np.asarray(b[:n], dtype=np.int64)
-    diff = np.flatnonzero(x != y)
-    return int(diff[0]) if diff.size else n
 
 
 def _normalize_dtype(dtype: Optional[str]) -> Optional[str]:
@@ -183,37 +148,24 @@ def _check_device(device: str) -> str:
 def _optional_int(name: str, v: Any, minimum: int) -> Optional[int]:
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+    if isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__"):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
+    v = int(v.__index__())
     if v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return int(v)
-
-
-def _check_stops(stop: Union[None, str, Sequence[str]]) -> Tuple[str, ...]:
-    if stop is None:
-        return ()
-    items = [stop] if isinstance(stop, str) else stop
-    if not isinstance(items, (list, tuple)):
-        raise TypeError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
-    for s in items:
-        if not isinstance(s, str):
-            raise TypeError(f"stop must be a string or a list of strings, got an item of type {type(s).__name__}")
-        if not s:
-            raise ValueError("stop strings must not be empty")
-    return tuple(dict.fromkeys(items))
+    return v
 
 
 class Model:
     """A loaded Qwen2 model: ``generate()`` runs chat or plain-text generation on it.
 
-    Attributes: ``core`` (the native ``_core.Model``: prefill/decode/KV cache), ``config``
+    Attributes: ``core`` (the native ``_core.Model``: forward passes over the KV cache), ``config``
     (:class:`~qwen_native.config.Qwen2Config`), ``generation_config``
     (:class:`~qwen_native.config.GenerationDefaults`), ``tokenizer`` (:class:`~qwen_native.chat.ChatTokenizer`),
     ``files`` (where everything came from), ``load_s`` (seconds ``load`` took).
 
-    Use :func:`qwen_native.load` to make one. One model serves one ``generate`` at a time; calls from several
-    threads wait for each other."""
+    Use :func:`qwen_native.load` to make one. Any number of threads may call ``generate`` at once: up to
+    ``max_batch`` sequences run together, later ones wait for a free slot."""
 
     def __init__(self, core: Any, config: Qwen2Config, generation_config: GenerationDefaults,
                  tokenizer: ChatTokenizer, *, files: Optional[ModelFiles] = None, name: Optional[str] = None,
@@ -229,12 +181,12 @@ class Model:
         if not eos and tokenizer.eos_token_id is not None:
             eos = (tokenizer.eos_token_id,)
         self.eos_token_ids: Tuple[int, ...] = eos
-        # Read once: the native model refuses even property reads while another thread is computing.
+        # Read once: the native model refuses even property reads while the scheduler computes.
         self._max_context = int(core.max_context)
-        self._cached: List[int] = []     # the ids whose keys/values are in core's KV cache, in order
-        self._lock = threading.Lock()
-        self._owner: Optional[int] = None
-        self._stream_ref: Optional["weakref.ReferenceType[GenerationStream]"] = None
+        self._max_batch = int(core.num_slots)
+        self._scheduler = Scheduler(core, tokenizer)
+        # A model dropped without close() still stops its scheduler thread (which holds the core, not the model).
+        weakref.finalize(self, self._scheduler.close)
 
     # -- properties ------------------------------------------------------------------------------------------------
 
@@ -248,8 +200,13 @@ class Model:
 
     @property
     def max_context(self) -> int:
-        """Positions in the KV cache: prompt + generated tokens must fit."""
+        """Positions of a sequence in the KV cache: prompt + generated tokens must fit."""
         return self._max_context
+
+    @property
+    def max_batch(self) -> int:
+        """Sequences that run at once (slots of the KV cache)."""
+        return self._max_batch
 
     @property
     def num_threads(self) -> int:
@@ -263,7 +220,7 @@ class Model:
         if self.closed:
             return f"<qwen_native.Model {self.name} (closed)>"
         return (f"<qwen_native.Model {self.name} device={self.device} dtype={self.dtype} "
-                f"max_context={self.max_context} threads={self.num_threads}>")
+                f"max_context={self.max_context} max_batch={self.max_batch} threads={self.num_threads}>")
 
     def __enter__(self) -> "Model":
         return self
@@ -272,231 +229,54 @@ class Model:
         self.close()
 
     def close(self) -> None:
-        """Free the weights and the KV cache now (an unfinished stream of this thread is stopped first)."""
-        self._acquire()
-        try:
-            self.core.close()
-            self._cached = []
-        finally:
-            self._release()
-
-    # -- locking ----------------------------------------------------------------------------------------------------
-
-    def _acquire(self, stream: Optional["weakref.ReferenceType[GenerationStream]"] = None) -> None:
-        me = threading.get_ident()
-        if not self._lock.acquire(blocking=False):
-            if self._owner == me:
-                # This thread holds the model through a stream it left unfinished: stop that stream.
-                old = self._stream_ref() if self._stream_ref is not None else None
-                if old is not None:
-                    old.close()
-                if not self._lock.acquire(blocking=False):
-                    raise RuntimeError("this model is busy with an unfinished generate() in this thread")
-            else:
-                self._lock.acquire()
-        self._owner = me
-        self._stream_ref = stream
-
-    def _release(self) -> None:
-        self._owner = None
-        self._stream_ref = None
-        self._lock.release()
+        """Free the weights and the KV cache now. Generations still running end with RuntimeError."""
+        self._scheduler.close()
+        self.core.close()
 
     # -- generation -------------------------------------------------------------------------------------------------
 
     @overload
-    def generate(self, prompt: Prompt, *, max_new_tokens: Optional[int] = ..., temperature: Optional[float] = ...,
-                 top_k: Optional[int] = ..., top_p: Optional[float] = ..., min_p: Optional[float] = ...,
-                 repetition_penalty: Optional[float] = ..., repeat_last_n: int = ...,
-                 do_sample: Optional[bool] = ..., seed: Optional[int] = ...,
-                 stop: Union[None, str, Sequence[str]] = ..., stream: Literal[False] = ...,
-                 system: Optional[str] = ..., chat_template: bool = ...) -> GenerationResult: ...
+    def generate(self, prompt: Prompt, options: Optional[GenerationOptions] = None, *,
+                 stream: Literal[False] = False, **kwargs: Any) -> GenerationResult: ...
 
     @overload
-    def generate(self, prompt: Prompt, *, max_new_tokens: Optional[int] = ..., temperature: Optional[float] = ...,
-                 top_k: Optional[int] = ..., top_p: Optional[float] = ..., min_p: Optional[float] = ...,
-                 repetition_penalty: Optional[float] = ..., repeat_last_n: int = ...,
-                 do_sample: Optional[bool] = ..., seed: Optional[int] = ...,
-                 stop: Union[None, str, Sequence[str]] = ..., stream: Literal[True],
-                 system: Optional[str] = ..., chat_template: bool = ...) -> GenerationStream: ...
+    def generate(self, prompt: Prompt, options: Optional[GenerationOptions] = None, *, stream: Literal[True],
+                 **kwargs: Any) -> GenerationStream: ...
 
-    def generate(self, prompt: Prompt, *, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
-                 repetition_penalty: Optional[float] = None, repeat_last_n: int = 0,
-                 do_sample: Optional[bool] = None, seed: Optional[int] = None,
-                 stop: Union[None, str, Sequence[str]] = None, stream: bool = False,
-                 system: Optional[str] = None,
-                 chat_template: bool = True) -> Union[GenerationResult, GenerationStream]:
+    def generate(self, prompt: Prompt, options: Optional[GenerationOptions] = None, *, stream: bool = False,
+                 **kwargs: Any) -> Union[GenerationResult, GenerationStream]:
         """Generate a reply to `prompt`: a string (one user turn) or a list of ``{"role", "content"}`` messages,
         rendered with the model's chat template (``chat_template=False``: the string is used as raw text).
 
-        Decoding defaults come from the model's generation_config.json as transformers applies them; explicit
-        arguments win. Sampling is on when ``do_sample=True``, or when `temperature` > 0 is passed and
-        `do_sample` is not, or else when generation_config.json says ``do_sample``; greedy otherwise or with
-        ``temperature=0``. `repetition_penalty` applies over the whole context (prompt included) or its last
-        `repeat_last_n` ids. `seed` makes sampling repeatable. Generation ends at an EOS id of
-        generation_config.json, at a `stop` string (the text is cut before it) or after `max_new_tokens`
-        (default: generation_config's max_new_tokens, else 1024, at most what fits in ``max_context``; an
-        explicit value that does not fit is a ValueError).
+        The generation arguments are those of :class:`~qwen_native.generation.GenerationOptions`, given as
+        keywords (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
+        ``repeat_last_n``, ``do_sample``, ``seed``, ``stop``, ``system``, ``chat_template``) or as an `options`
+        object (keywords win). Defaults come from the model's generation_config.json as transformers applies them;
+        sampling is on when ``do_sample=True``, or when `temperature` > 0 is passed and `do_sample` is not;
+        ``temperature=0`` is greedy.
 
-        Returns a :class:`GenerationResult`; with ``stream=True``, a :class:`GenerationStream` of text pieces.
-        """
+        Returns a :class:`GenerationResult`, or with ``stream=True`` a :class:`GenerationStream` of text pieces.
+        Raises ValueError / TypeError naming a bad argument, and ValueError when the prompt plus
+        ``max_new_tokens`` does not fit in ``max_context``."""
+        t0 = time.perf_counter()
         if not isinstance(stream, bool):
             raise TypeError(f"stream must be True or False, got {stream!r}")
-        plan = self._plan(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                          repeat_last_n=repeat_last_n, do_sample=do_sample, seed=seed, stop=stop, system=system,
-                          chat_template=chat_template)
+        if self.closed:
+            raise RuntimeError("this model has been closed")
+        opts = GenerationOptions.from_kwargs(options, **kwargs)
+        params = opts.sampling(self.generation_config)
+        ids = self.tokenizer.prompt_ids(prompt, system=opts.system, chat_template=opts.chat_template)
+        max_new = opts.max_new(self.generation_config, len(ids), self.max_context)
+        request = Request(ids, params, None if opts.seed is None else int(opts.seed), max_new,
+                          opts.stop or (), frozenset(self.eos_token_ids), stream, t0)
+        self._scheduler.submit(request)
         if stream:
-            return GenerationStream(self, plan)
-        gen = self._run(plan, None)
+            return GenerationStream(self, request)
         try:
-            while True:
-                next(gen)
-        except StopIteration as done:
-            return done.value
-        finally:
-            gen.close()  # on any exception (Ctrl-C included), free the model now, not when gen is collected
-
-    def _plan(self, prompt: Prompt, *, max_new_tokens: Optional[int], temperature: Optional[float],
-              top_k: Optional[int], top_p: Optional[float], min_p: Optional[float],
-              repetition_penalty: Optional[float], repeat_last_n: int, do_sample: Optional[bool],
-              seed: Optional[int], stop: Union[None, str, Sequence[str]], system: Optional[str],
-              chat_template: bool) -> _Plan:
-        t0 = time.perf_counter()
-        if self.core.closed:
-            raise RuntimeError("this model has been closed; load it again")
-        if repeat_last_n is None:  # check_sampling_args takes None as "unset"; here 0 is the default
-            raise TypeError("repeat_last_n must be an integer >= 0 (0 = the whole context), got None")
-        check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n, seed=seed,
-                            max_new_tokens=max_new_tokens)
-        if do_sample is not None and not isinstance(do_sample, (bool, np.bool_)):
-            raise TypeError(f"do_sample must be True, False or None, got {do_sample!r}")
-        stops = _check_stops(stop)
-        gc = self.generation_config
-        if do_sample is None:
-            do_sample = temperature > 0 if temperature is not None else gc.do_sample
-        params = SamplingParams(
-            do_sample=do_sample,
-            temperature=gc.temperature if temperature is None else temperature,
-            top_k=gc.top_k if top_k is None else top_k,
-            top_p=gc.top_p if top_p is None else top_p,
-            min_p=(gc.min_p or 0.0) if min_p is None else min_p,
-            repetition_penalty=gc.repetition_penalty if repetition_penalty is None else repetition_penalty,
-            repeat_last_n=repeat_last_n)
-
-        ids = self.tokenizer.prompt_ids(prompt, system=system, chat_template=chat_template)
-        ctx = self.max_context
-        if len(ids) >= ctx:
-            raise ValueError(f"the prompt is {len(ids)} tokens but the model's context holds {ctx} (max_context); "
-                             "shorten the prompt or load with a larger max_context")
-        room = ctx - len(ids)
-        if max_new_tokens is None:
-            max_new = min(gc.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room)
-        else:
-            max_new = int(max_new_tokens)
-            if max_new > room:
-                raise ValueError(f"the prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the "
-                                 f"context of {ctx} tokens (max_context); lower max_new_tokens to at most {room} "
-                                 "or load with a larger max_context")
-        return _Plan(ids=ids, params=params, seed=None if seed is None else int(seed), max_new_tokens=max_new,
-                     stops=stops, eos=frozenset(self.eos_token_ids), t0=t0)
-
-    def _run(self, plan: _Plan, stream: Optional["weakref.ReferenceType[GenerationStream]"]
-             ) -> Generator[str, None, GenerationResult]:
-        """The generation loop: yields text pieces, returns the result."""
-        self._acquire(stream)
-        core = self.core
-        try:
-            ids = plan.ids
-            params = plan.params
-            # Reuse the cached prefix; at least the last prompt id is computed, for its logits.
-            reuse = min(_common_prefix(self._cached, ids), len(ids) - 1)
-            if core.length > reuse:
-                core.truncate(reuse)
-            del self._cached[reuse:]
-
-            t = time.perf_counter()
-            logits = core.prefill(ids[reuse:])
-            self._cached = list(ids)
-            prefill_s = time.perf_counter() - t
-
-            fast_greedy = params.greedy and params.repetition_penalty == 1.0
-            sampler = Sampler(params, plan.seed)
-            context = np.empty(len(ids) + plan.max_new_tokens, dtype=np.int64)
-            context[:len(ids)] = ids
-            n = len(ids)
-            tok = int(np.argmax(logits)) if fast_greedy else sampler(logits, context[:n], inplace=True)
-            ttft_s = time.perf_counter() - plan.t0
-            generated = [tok]
-            context[n] = tok
-            n += 1
-
-            detok = self.tokenizer.stream()
-            scanner = _StopScanner(plan.stops)
-            parts: List[str] = []
-            decode_s = 0.0
-            steps = 0
-            finish = "length"
-            while True:
-                if tok in plan.eos:
-                    finish = "stop"
-                    break
-                piece = detok.push(tok)
-                if piece:
-                    out, hit = scanner.feed(piece)
-                    if out:
-                        parts.append(out)
-                        yield out
-                    if hit:
-                        finish = "stop"
-                        break
-                if len(generated) >= plan.max_new_tokens:
-                    break
-                t = time.perf_counter()
-                if fast_greedy:
-                    nxt = int(core.decode_argmax(tok))
-                    self._cached.append(tok)
-                else:
-                    logits = core.decode(tok)
-                    self._cached.append(tok)
-                    nxt = sampler(logits, context[:n], inplace=True)
-                decode_s += time.perf_counter() - t
-                steps += 1
-                tok = nxt
-                generated.append(tok)
-                context[n] = tok
-                n += 1
-
-            if scanner.hit is None:
-                out, hit = scanner.feed(detok.flush())
-                if hit:
-                    finish = "stop"
-                else:
-                    out += scanner.finish()
-                if out:
-                    parts.append(out)
-                    yield out
-            total_s = time.perf_counter() - plan.t0
-            prefill_n = len(ids) - reuse
-            return GenerationResult(
-                text="".join(parts), token_ids=generated, finish_reason=finish, prompt_tokens=len(ids),
-                cached_tokens=reuse, prefill_tokens=prefill_n, prefill_s=prefill_s,
-                prefill_tok_s=prefill_n / prefill_s if prefill_s > 0 else 0.0, decode_tokens=steps,
-                decode_s=decode_s, decode_tok_s=steps / decode_s if decode_s > 0 else 0.0, ttft_s=ttft_s,
-                total_s=total_s, stop_string=scanner.hit)
-        finally:
-            # An exception or Ctrl-C can land between a native call and the bookkeeping after it: if the two
-            # disagree, start from an empty cache rather than a wrong one.
-            try:
-                if not core.closed and core.length != len(self._cached):
-                    core.reset()
-                    self._cached = []
-            except Exception:
-                self._cached = []
-            finally:
-                self._release()
+            return GenerationResult._of(request.wait())
+        except BaseException:
+            request.cancel()  # Ctrl-C while waiting: the generation stops too
+            raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -504,7 +284,7 @@ class Model:
 
 
 def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu", dtype: Optional[str] = None,
-         max_context: Optional[int] = None, num_threads: Optional[int] = None,
+         max_context: Optional[int] = None, max_batch: Optional[int] = None, num_threads: Optional[int] = None,
          local_files_only: Optional[bool] = None, cache_dir: Optional[PathLike] = None,
          token: Union[str, bool, None] = None) -> Model:
     """Load a Qwen2 chat model: `model` is a Hub repo id (at `revision`; files are downloaded into the Hugging
@@ -512,13 +292,15 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
 
     `dtype` None picks: on the CPU the checkpoint's own dtype when it is bfloat16 (weights stay bf16, sums in
     float32; prompt matmuls take bf16-rounded inputs where the CPU has AVX512-BF16), else float32; on CUDA
-    bfloat16. "float32" is float32 throughout. `max_context` is the KV cache size in tokens (None or 0:
-    min(max_position_embeddings, 4096)); `num_threads` the CPU threads (None or 0: all this process may use).
-    `local_files_only` (default: HF_HUB_OFFLINE) never touches the network."""
+    bfloat16. "float32" is float32 throughout. `max_context` is the KV cache size of a sequence in tokens (None
+    or 0: min(max_position_embeddings, 4096)); `max_batch` how many sequences run at once, each with its own KV
+    cache (None: 4); `num_threads` the CPU threads (None or 0: all this process may use). `local_files_only`
+    (default: HF_HUB_OFFLINE) never touches the network."""
     t0 = time.perf_counter()
     device = _check_device(device)
     dt = _normalize_dtype(dtype)
     max_context = _optional_int("max_context", max_context, 0) or None  # 0 = the default, as in _core
+    max_batch = _optional_int("max_batch", max_batch, 1)
     num_threads = _optional_int("num_threads", num_threads, 0)
     if local_files_only is not None and not isinstance(local_files_only, bool):
         raise TypeError(f"local_files_only must be True, False or None, got {local_files_only!r}")
@@ -541,7 +323,7 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
         else:
             dt = "bfloat16"
     core = _core.Model(config.to_core_dict(), table, dtype=dt, device=device, max_context=max_context or 0,
-                       num_threads=num_threads or 0)
+                       num_threads=num_threads or 0, num_slots=max_batch or DEFAULT_MAX_BATCH)
     name = files.repo_id or os.fspath(model)
     return Model(core, config, gen, tokenizer, files=files, name=name, load_s=time.perf_counter() - t0)
 
@@ -562,26 +344,24 @@ def clear_model_cache() -> None:
             pass
 
 
-def _cached_model(model: PathLike, *, revision: Optional[str], device: str, dtype: Optional[str],
-                  max_context: Optional[int], num_threads: Optional[int], local_files_only: Optional[bool],
-                  cache_dir: Optional[PathLike], token: Union[str, bool, None]) -> Model:
+def _cached_model(model: PathLike, **load_args: Any) -> Model:
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a Hub repo id, a local directory or a qwen_native.Model, got "
                         f"{type(model).__name__}")
     name = os.fspath(model)
     is_dir = os.path.isdir(name)
-    request = ("request", os.path.abspath(name) if is_dir else name, revision,
-               os.fspath(cache_dir) if cache_dir is not None else None, _check_device(device),
-               _normalize_dtype(dtype), max_context, num_threads)
+    a = load_args
+    request = ("request", os.path.abspath(name) if is_dir else name, a["revision"],
+               os.fspath(a["cache_dir"]) if a["cache_dir"] is not None else None, _check_device(a["device"]),
+               _normalize_dtype(a["dtype"]), a["max_context"], a["max_batch"], a["num_threads"])
     with _CACHE_LOCK:
         hit = _MODEL_CACHE.get(request)
         if hit is not None and not hit.closed:
             return hit
-        m = load(model, revision=revision, device=device, dtype=dtype, max_context=max_context,
-                 num_threads=num_threads, local_files_only=local_files_only, cache_dir=cache_dir, token=token)
+        m = load(model, **load_args)
         assert m.files is not None
         resolved = ("resolved", os.path.realpath(m.files.directory), m.device, m.dtype, m.max_context,
-                    m.num_threads)
+                    m.max_batch, m.num_threads)
         same = _MODEL_CACHE.get(resolved)
         if same is not None and not same.closed:  # the same files under another name: keep the first
             m.close()
@@ -591,54 +371,23 @@ def _cached_model(model: PathLike, *, revision: Optional[str], device: str, dtyp
         return m
 
 
-@overload
-def generate(prompt: Prompt, model: Union[PathLike, Model] = ..., *, max_new_tokens: Optional[int] = ...,
-             temperature: Optional[float] = ..., top_k: Optional[int] = ..., top_p: Optional[float] = ...,
-             min_p: Optional[float] = ..., repetition_penalty: Optional[float] = ..., repeat_last_n: int = ...,
-             do_sample: Optional[bool] = ..., seed: Optional[int] = ..., stop: Union[None, str, Sequence[str]] = ...,
-             stream: Literal[False] = ..., system: Optional[str] = ..., chat_template: bool = ...,
-             device: str = ..., dtype: Optional[str] = ..., revision: Optional[str] = ...,
-             max_context: Optional[int] = ..., num_threads: Optional[int] = ...,
-             local_files_only: Optional[bool] = ..., cache_dir: Optional[PathLike] = ...,
-             token: Union[str, bool, None] = ...) -> GenerationResult: ...
-
-
-@overload
-def generate(prompt: Prompt, model: Union[PathLike, Model] = ..., *, max_new_tokens: Optional[int] = ...,
-             temperature: Optional[float] = ..., top_k: Optional[int] = ..., top_p: Optional[float] = ...,
-             min_p: Optional[float] = ..., repetition_penalty: Optional[float] = ..., repeat_last_n: int = ...,
-             do_sample: Optional[bool] = ..., seed: Optional[int] = ..., stop: Union[None, str, Sequence[str]] = ...,
-             stream: Literal[True], system: Optional[str] = ..., chat_template: bool = ...,
-             device: str = ..., dtype: Optional[str] = ..., revision: Optional[str] = ...,
-             max_context: Optional[int] = ..., num_threads: Optional[int] = ...,
-             local_files_only: Optional[bool] = ..., cache_dir: Optional[PathLike] = ...,
-             token: Union[str, bool, None] = ...) -> GenerationStream: ...
-
-
-def generate(prompt: Prompt, model: Union[PathLike, Model] = DEFAULT_MODEL, *,
-             max_new_tokens: Optional[int] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
-             top_p: Optional[float] = None, min_p: Optional[float] = None,
-             repetition_penalty: Optional[float] = None, repeat_last_n: int = 0, do_sample: Optional[bool] = None,
-             seed: Optional[int] = None, stop: Union[None, str, Sequence[str]] = None, stream: bool = False,
-             system: Optional[str] = None, chat_template: bool = True, device: str = "cpu",
-             dtype: Optional[str] = None, revision: Optional[str] = None, max_context: Optional[int] = None,
-             num_threads: Optional[int] = None, local_files_only: Optional[bool] = None,
-             cache_dir: Optional[PathLike] = None,
-             token: Union[str, bool, None] = None) -> Union[GenerationResult, GenerationStream]:
+def generate(prompt: Prompt, model: Union[PathLike, Model] = DEFAULT_MODEL, options: Optional[GenerationOptions] = None,
+             *, stream: bool = False, device: str = "cpu", dtype: Optional[str] = None, revision: Optional[str] = None,
+             max_context: Optional[int] = None, max_batch: Optional[int] = None, num_threads: Optional[int] = None,
+             local_files_only: Optional[bool] = None, cache_dir: Optional[PathLike] = None,
+             token: Union[str, bool, None] = None, **kwargs: Any) -> Union[GenerationResult, GenerationStream]:
     """Generate a reply to `prompt` (a string, or a list of ``{"role", "content"}`` messages) with `model` (a
     Hub repo id, a local directory, or a loaded :class:`Model`).
 
-    The model is loaded on first use and kept: a second call with the same model, device, dtype, max_context
-    and num_threads does not load it again (:func:`clear_model_cache` frees them). The loading arguments are
-    those of :func:`load`; the generation arguments those of :meth:`Model.generate`. Returns a
-    :class:`GenerationResult`, or with ``stream=True`` an iterator of text pieces."""
+    The model is loaded on first use and kept: a second call with the same model, device, dtype, max_context,
+    max_batch and num_threads does not load it again (:func:`clear_model_cache` frees them). The loading
+    arguments are those of :func:`load`; the generation arguments (`options` and the other keywords) those of
+    :meth:`Model.generate`. Returns a :class:`GenerationResult`, or with ``stream=True`` an iterator of text
+    pieces."""
     if isinstance(model, Model):
         m = model
     else:
         m = _cached_model(model, revision=revision, device=device, dtype=dtype, max_context=max_context,
-                          num_threads=num_threads, local_files_only=local_files_only, cache_dir=cache_dir,
-                          token=token)
-    return m.generate(  # type: ignore[call-overload,misc]
-        prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n, do_sample=do_sample, seed=seed,
-        stop=stop, stream=stream, system=system, chat_template=chat_template)
+                          max_batch=max_batch, num_threads=num_threads, local_files_only=local_files_only,
+                          cache_dir=cache_dir, token=token)
+    return m.generate(prompt, options, stream=stream, **kwargs)  # type: ignore[call-overload]

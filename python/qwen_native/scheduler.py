@@ -1,0 +1,445 @@
+"""One queue per model: requests from any thread (or an asyncio loop, through a thread) join the running batch
+between steps, each sequence in its own slot of the native KV cache.
+
+A scheduler thread (started with the first request, ended by ``close``) repeats: admit waiting requests into
+free slots (the slot whose cached ids share the longest prefix with the prompt, so a chat's next turn only
+prefills its new ids), build one ragged pass of rows (a chunk of each unfinished prompt, the last token of each
+sequence that is decoding), run it, and hand each sequence its logits row: sample, assemble text, publish pieces.
+It never waits for a caller, so a slow or forgotten stream holds nothing but its own slot until it finishes; a
+stream is stopped by its owner (``close()``), by its garbage collection, or by Ctrl-C in the thread waiting on it.
+
+The steps are small: ``_admit`` (slots), a sequence's ``plan`` (what it feeds the pass: a prompt chunk, its last
+token, or its last token and proposed ids to verify) and ``take`` (its logits rows: sample, accept the agreeing
+proposals, assemble text), and ``_step`` running one pass for all of them."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, FrozenSet, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _core  # the compiled extension (types: _core.pyi)
+from .generation import TextAssembler
+from .sampling import Sampler, SamplingParams
+
+__all__ = ["Scheduler", "Request", "PREFILL_CHUNK"]
+
+# Prompt ids of one sequence per step. Each prompt is cut the same way whatever else runs, so its arithmetic (and
+# its tokens) do not depend on the batch.
+PREFILL_CHUNK = 512
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(diff[0]) if diff.size else n
+
+
+@dataclass
+class Outcome:
+    """What a finished request produced (engine.py turns it into a GenerationResult)."""
+
+    text: str
+    token_ids: List[int]
+    finish_reason: str
+    stop_string: Optional[str]
+    prompt_tokens: int
+    cached_tokens: int
+    prefill_s: float
+    decode_tokens: int  # generated ids that came from decode passes (all but the first)
+    decode_passes: int  # passes that produced them (fewer when proposals were verified)
+    decode_s: float
+    ttft_s: float
+    total_s: float
+
+
+class Request:
+    """One generation as the scheduler and its caller share it. The caller reads pieces (``next_piece``) or waits
+    for the outcome (``wait``), and may ``cancel``; the scheduler thread does everything else."""
+
+    def __init__(self, ids: List[int], params: SamplingParams, seed: Optional[int], max_new_tokens: int,
+                 stops: Sequence[str], eos: FrozenSet[int], stream: bool, t0: float):
+        self.ids = ids
+        self.params = params
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+        self.stops = stops
+        self.eos = eos
+        self.stream = stream
+        self.t0 = t0
+        # Proposes likely next ids from the ids so far (prompt lookup, a draft model: issue 14); the next pass then
+        # verifies them all at once. Greedy sequences only: sampling needs the speculative-sampling rule.
+        self.proposer: Optional[Callable[[List[int]], List[int]]] = None
+        self.cancelled = False
+        self.done = False
+        self.outcome: Optional[Outcome] = None
+        self.error: Optional[BaseException] = None
+        self._pieces: Deque[str] = deque()
+        self._scheduler: Optional["Scheduler"] = None
+        self._cond: Optional[threading.Condition] = None
+
+    def next_piece(self) -> Optional[str]:
+        """The next text piece, waiting for it; None once the generation is over. Raises what stopped it early."""
+        assert self._cond is not None
+        with self._cond:
+            while not self._pieces and not self.done:
+                self._cond.wait()
+            if self._pieces:
+                return self._pieces.popleft()
+        if self.error is not None:
+            raise self.error
+        return None
+
+    def wait(self) -> Outcome:
+        """Waits until the generation is over; its outcome, or raises what stopped it."""
+        assert self._cond is not None
+        with self._cond:
+            while not self.done:
+                self._cond.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.outcome is not None
+        return self.outcome
+
+    def cancel(self) -> None:
+        """Stop this generation (within one step; at once if it is the only work in the running pass)."""
+        if self._scheduler is not None:
+            self._scheduler.cancel(self)
+
+
+@dataclass
+class _Slot:
+    ids: List[int] = field(default_factory=list)  # the ids whose keys and values this slot of the cache holds
+    busy: bool = False
+    used: int = 0  # when it was last given out (least recently used first among equals)
+
+
+class _Sequence:
+    """A request while it runs in a slot: its ids, what of them the cache holds, its sampler and text."""
+
+    def __init__(self, request: Request, slot: int, cached: int, tokenizer: Any):
+        self.request = request
+        self.slot = slot
+        self.cached = cached                       # prompt ids reused from the slot's cache
+        self.tokens: List[int] = list(request.ids)  # prompt + generated ids
+        self.fed = cached                          # how many of `tokens` the slot holds
+        self.generated: List[int] = []
+        self.parts: List[str] = []
+        self.assembler = TextAssembler(tokenizer, request.stops, request.eos)
+        self.sampler = Sampler(request.params, request.seed)
+        self.fast_greedy = request.params.greedy and request.params.repetition_penalty == 1.0
+        self.finish_reason: Optional[str] = None
+        self.prefill_s = self.decode_s = 0.0
+        self.decode_steps = 0
+        self.ttft_s = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.request.ids)
+
+    def plan(self, room: int) -> None:
+        """Before a pass: what this sequence feeds it (`feed`) and how many of its last rows need logits
+        (`logits`). A prompt chunk; else the last generated id, followed by proposed ids to verify when the
+        request has a proposer (no more than fit in `room` positions or are still to generate)."""
+        if self.prefilling:
+            self.feed = self.tokens[self.fed:min(len(self.request.ids), self.fed + PREFILL_CHUNK)]
+            self.proposal: List[int] = []
+            self.logits = 1 if self.fed + len(self.feed) == len(self.request.ids) else 0
+            return
+        self.proposal = []
+        if self.request.proposer is not None and self.request.params.greedy:
+            limit = min(room - 1, self.request.max_new_tokens - len(self.generated) - 1)
+            self.proposal = [int(t) for t in self.request.proposer(list(self.tokens))][:max(0, limit)]
+        self.feed = self.tokens[self.fed:self.fed + 1] + self.proposal
+        self.logits = len(self.feed)
+
+    def choose(self, logits_or_id: Any) -> int:
+        if self.fast_greedy:
+            return int(logits_or_id) if np.ndim(logits_or_id) == 0 else int(np.argmax(logits_or_id))
+        return self.sampler(logits_or_id, np.asarray(self.tokens, dtype=np.int64), inplace=True)
+
+    def take(self, rows: Any) -> Tuple[str, int]:
+        """After a pass: the rows of logits (or argmax ids) this sequence asked for. Picks the next id from each
+        row while the proposal agrees (verification accepts the longest agreeing prefix, then the model's own
+        next id). Returns the text completed and how many fed rows to drop from the cache (the rejected
+        proposals)."""
+        piece, confirmed = "", 0
+        for i in range(len(rows)):
+            tok = self.choose(rows[i])
+            piece += self.accept(tok)
+            if self.finish_reason is not None or i >= len(self.proposal) or tok != self.proposal[i]:
+                break
+            confirmed += 1
+        return piece, len(self.proposal) - confirmed
+
+    def accept(self, token: int) -> str:
+        """Take a generated id; the text it completes. Sets finish_reason when the sequence is done."""
+        self.generated.append(token)
+        self.tokens.append(token)
+        piece = self.assembler.push(token)
+        if self.assembler.finish_reason is not None:
+            self.finish_reason = self.assembler.finish_reason
+        elif len(self.generated) >= self.request.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            piece += self.assembler.finish()
+            self.finish_reason = self.assembler.finish_reason or self.finish_reason
+        if piece:
+            self.parts.append(piece)
+        return piece
+
+    def outcome(self) -> Outcome:
+        r = self.request
+        return Outcome(text="".join(self.parts), token_ids=list(self.generated),
+                       finish_reason=self.finish_reason or "length", stop_string=self.assembler.stop_string,
+                       prompt_tokens=len(r.ids), cached_tokens=self.cached, prefill_s=self.prefill_s,
+                       decode_tokens=max(0, len(self.generated) - 1), decode_passes=self.decode_steps,
+                       decode_s=self.decode_s, ttft_s=self.ttft_s,
+                       total_s=time.perf_counter() - r.t0)
+
+
+_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    # At interpreter exit, stop the scheduler threads while Python still runs: a thread left inside the native
+    # core would be torn down by the interpreter's shutdown in the middle of a pass.
+    for s in list(_LIVE):
+        s.close()
+
+
+class Scheduler:
+    """Runs the requests of one native model (``core``, with ``core.num_slots`` KV cache slots)."""
+
+    def __init__(self, core: Any, tokenizer: Any):
+        self.core = core
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the scheduler thread waits here for requests
+        self._waiting: Deque[Request] = deque()
+        self._active: List[_Sequence] = []
+        self._slots = [_Slot() for _ in range(int(core.num_slots))]
+        self._max_context = int(core.max_context)
+        self._in_flight: List[Request] = []  # the requests of the pass running now
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self._clock = 0
+        _LIVE.add(self)
+
+    # -- the callers' side ---------------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this model has been closed")
+            request._scheduler = self
+            request._cond = threading.Condition(self._lock)
+            self._waiting.append(request)
+            if self._thread is None:  # started with the first request, kept until the model closes
+                self._thread = threading.Thread(target=self._run, name="qwen_native scheduler", daemon=True)
+                self._thread.start()
+            self._work.notify()
+
+    def cancel(self, request: Request) -> None:
+        with self._lock:
+            request._pieces.clear()
+            if request.done or request.cancelled:
+                return
+            request.cancelled = True
+            if request in self._waiting:
+                self._waiting.remove(request)
+                self._finish(request, None, None)
+            elif request in self._in_flight and all(r.cancelled for r in self._in_flight):
+                self.core.interrupt()  # nobody wants this pass any more: stop it at the next layer
+
+    def close(self) -> None:
+        """Stop every request (their callers get RuntimeError) and wait for the scheduler thread to end."""
+        with self._lock:
+            self._closed = True
+            gone = RuntimeError("the model was closed while this generation was running")
+            for r in list(self._waiting):
+                self._finish(r, None, gone)
+            self._waiting.clear()
+            for s in self._active:
+                s.request.cancelled = True
+                self._finish(s.request, None, gone)
+            if self._in_flight:
+                self.core.interrupt()
+            self._work.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    @property
+    def idle(self) -> bool:
+        """True when no request waits or runs."""
+        with self._lock:
+            return not self._waiting and not self._active
+
+    def consistent(self) -> bool:
+        """Whether the bookkeeping of every slot matches the native cache (for tests; call while idle)."""
+        return list(self.core.lengths) == [len(s.ids) for s in self._slots]
+
+    # -- the scheduler thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    self._admit()
+                    while not self._active and not self._closed:
+                        self._work.wait()
+                        self._admit()
+                    if not self._active:  # closed
+                        self._thread = None
+                        return
+                    batch = list(self._active)
+                    self._in_flight = [s.request for s in batch]
+                self._step(batch)
+        except BaseException as e:  # a bug here must not leave callers waiting forever: they get the error
+            with self._lock:
+                for r in list(self._waiting) + [s.request for s in self._active]:
+                    if not r.done:
+                        self._finish(r, None, e)
+                self._waiting.clear()
+                self._active.clear()
+                for slot in self._slots:
+                    slot.busy = False
+                self._thread = None
+
+    def _admit(self) -> None:
+        """(Under the lock.) Drop cancelled sequences, then give free slots to waiting requests in order."""
+        for s in [s for s in self._active if s.request.cancelled]:
+            self._release(s)
+        while self._waiting:
+            free = [i for i, sl in enumerate(self._slots) if not sl.busy]
+            if not free:
+                return
+            r = self._waiting.popleft()
+            try:
+                self._active.append(self._place(r, free))
+            except BaseException as e:  # the core refused (or a test's stand-in raised): this request ends
+                self._finish(r, None, e)
+
+    def _place(self, r: Request, free: List[int]) -> _Sequence:
+        """(Under the lock.) The free slot with the longest cached prefix of r's prompt (least recently used
+        among equals), truncated to that prefix."""
+        self._resync(free)  # the core may have been used directly (tests, benchmarks)
+        # At least the last prompt id is computed, for its logits.
+        reuse = {i: min(common_prefix(self._slots[i].ids, r.ids), len(r.ids) - 1) for i in free}
+        i = max(free, key=lambda j: (reuse[j], -self._slots[j].used))
+        slot = self._slots[i]
+        if len(slot.ids) > reuse[i]:
+            try:
+                self.core.truncate(reuse[i], slot=i)
+            finally:
+                del slot.ids[reuse[i]:]
+                self._resync([i])
+        self._clock += 1
+        slot.busy, slot.used = True, self._clock
+        return _Sequence(r, i, reuse[i], self.tokenizer)
+
+    def _resync(self, slots: Sequence[int]) -> None:
+        """Slots whose bookkeeping disagrees with the native cache (a call failed halfway, or the core was used
+        directly) start empty."""
+        lengths = list(self.core.lengths)
+        for i in slots:
+            if lengths[i] != len(self._slots[i].ids):
+                self.core.reset(i)
+                self._slots[i].ids = []
+
+    def _release(self, s: _Sequence) -> None:
+        """(Under the lock.) The sequence leaves its slot; the slot keeps its ids for a later prefix."""
+        self._active.remove(s)
+        self._slots[s.slot].busy = False
+        if not s.request.done:
+            self._finish(s.request, None, None)
+
+    def _finish(self, r: Request, outcome: Optional[Outcome], error: Optional[BaseException]) -> None:
+        """(Under the lock.) Mark a request over and wake its caller."""
+        r.outcome, r.error, r.done = outcome, error, True
+        if r._cond is not None:
+            r._cond.notify_all()
+
+    def _step(self, batch: List[_Sequence]) -> None:
+        """One pass over the batch (each sequence's `plan`), then each sequence takes the logits it asked for."""
+        slots: List[int] = []
+        ids: List[int] = []
+        positions: List[int] = []
+        logit_rows: List[int] = []
+        for s in batch:
+            s.plan(self._max_context - s.fed)
+            slots += [s.slot] * len(s.feed)
+            positions += range(s.fed, s.fed + len(s.feed))
+            ids += s.feed
+            logit_rows += range(len(ids) - s.logits, len(ids))
+        wants = [s for s in batch if s.logits]
+        argmax = all(s.fast_greedy for s in wants)
+        t = time.perf_counter()
+        try:
+            out = self.core.forward(slots, ids, positions, logit_rows=logit_rows, argmax=argmax)
+        except _core.Interrupted:  # only cancelled sequences (or a stale interrupt): the step is redone without them
+            with self._lock:
+                self._in_flight = []
+            return
+        except BaseException as e:
+            self._fail(batch, e)
+            return
+        dt = time.perf_counter() - t
+        for s in batch:  # the rows are in the cache now
+            self._slots[s.slot].ids.extend(s.feed)
+            if s.prefilling:
+                s.prefill_s += dt
+            else:
+                s.decode_s += dt
+                s.decode_steps += 1
+            s.fed += len(s.feed)
+        done: List[Tuple[_Sequence, str, Optional[BaseException]]] = []
+        row = 0
+        for s in wants:
+            try:
+                first = not s.generated
+                piece, rejected = s.take(out[row:row + s.logits])
+                if rejected:  # the cache keeps the confirmed proposals only
+                    s.fed -= rejected
+                    self.core.truncate(s.fed, slot=s.slot)
+                    del self._slots[s.slot].ids[s.fed:]
+                if first:
+                    s.ttft_s = time.perf_counter() - s.request.t0
+                done.append((s, piece, None))
+            except Exception as e:  # sampling refused the logits (NaN): this sequence ends with the error
+                done.append((s, "", e))
+            row += s.logits
+        with self._lock:
+            self._in_flight = []
+            for s, piece, error in done:
+                r = s.request
+                if piece and r.stream and not r.cancelled:
+                    r._pieces.append(piece)
+                    assert r._cond is not None
+                    r._cond.notify_all()
+                if error is not None or s.finish_reason is not None:
+                    if not r.done:
+                        self._finish(r, None if error else s.outcome(), error)
+                    self._release(s)
+
+    def _fail(self, batch: List[_Sequence], error: BaseException) -> None:
+        """A pass or its sampling raised: its sequences end with the error; slots whose bookkeeping may disagree
+        with the cache start empty."""
+        with self._lock:
+            self._in_flight = []
+            self._resync([s.slot for s in batch])
+            for s in batch:
+                if not s.request.done:
+                    self._finish(s.request, None, error)
+                if s in self._active:
+                    self._release(s)

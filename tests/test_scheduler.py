@@ -1,0 +1,183 @@
+"""The model's request queue: many threads, asyncio and open streams sharing one model, each request getting
+exactly what it gets alone; more requests than KV cache slots; prefix reuse per slot; generation options."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+
+import pytest
+
+import qwen_native
+from qwen_native import GenerationOptions
+
+GREEDY = dict(do_sample=False, repetition_penalty=1.0)
+# Raw prompts with distinct first words: no request can reuse another's cached prefix, so every request's
+# arithmetic is the same whatever ran before or beside it.
+PROMPTS = ["Tell me a story", "Where is the sea", "Count to ten", "Name a colour", "Why is the sky blue",
+           "Write a poem", "List three fruits", "Describe a cat"]
+RUNS = [dict(GREEDY), dict(temperature=0.9, top_p=0.9, seed=5), dict(temperature=1.2, top_k=40, seed=11),
+        dict(repetition_penalty=1.3, do_sample=False)]
+
+
+def job(i):
+    return PROMPTS[i % len(PROMPTS)], dict(RUNS[i % len(RUNS)], max_new_tokens=12 + i % 5, chat_template=False)
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_dir):
+    """What each job gives on a fresh model with one slot, one at a time."""
+    out = {}
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=1) as m:
+        for i in range(16):
+            prompt, kw = job(i)
+            m.core.reset()  # nothing cached: each request computed from scratch
+            out[i] = m.generate(prompt, **kw)
+    return out
+
+
+def test_open_stream_beside_threads_and_asyncio(tiny_dir, alone):
+    """A stream left open in one thread while other threads and asyncio.to_thread calls generate on the same
+    model: every call gets exactly the text and ids it gets alone; the stream's own thread can start another
+    request while the stream is unfinished; the stream then finishes with its own text."""
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=2, max_batch=4) as m:
+        prompt0, kw0 = job(0)
+        s = m.generate(prompt0, stream=True, **kw0)
+        first = next(s)
+        got, errors = {}, []
+
+        def worker(i):
+            try:
+                prompt, kw = job(i)
+                got[i] = m.generate(prompt, **kw)
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(1, 7)]
+        for t in threads:
+            t.start()
+
+        async def from_asyncio():
+            calls = [asyncio.to_thread(m.generate, job(i)[0], **job(i)[1]) for i in range(7, 11)]
+            return await asyncio.gather(*calls)
+
+        for i, r in zip(range(7, 11), asyncio.run(from_asyncio())):
+            got[i] = r
+        prompt, kw = job(11)
+        got[11] = m.generate(prompt, **kw)  # this thread again, its stream still open
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        text = first + "".join(s)
+        assert text == alone[0].text and s.result.token_ids == alone[0].token_ids
+        for i, r in got.items():
+            assert (r.token_ids, r.text) == (alone[i].token_ids, alone[i].text), f"job {i}"
+        assert m._scheduler.idle and m._scheduler.consistent()
+
+
+def test_more_requests_than_slots(tiny_dir, alone):
+    """Twelve threads on two slots: the others wait their turn, nobody deadlocks, every answer is its own."""
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=2) as m:
+        got = {}
+
+        def worker(i):
+            prompt, kw = job(i)
+            if i % 3 == 0:
+                with m.generate(prompt, stream=True, **kw) as s:
+                    text = "".join(s)
+                got[i] = (s.result.token_ids, text)
+            else:
+                r = m.generate(prompt, **kw)
+                got[i] = (r.token_ids, r.text)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads)
+        assert got == {i: (alone[i].token_ids, alone[i].text) for i in range(12)}
+
+
+def test_prefix_reuse_finds_its_slot(tiny_dir):
+    """The next turn of a conversation reuses the slot holding its history, even after other requests used the
+    other slots in between."""
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=3) as m:
+        conv = [{"role": "user", "content": "Tell me a story"}]
+        r1 = m.generate(conv, max_new_tokens=6, **GREEDY)
+        for p in ("abc", "xyz"):
+            m.generate(p, max_new_tokens=3, chat_template=False, **GREEDY)
+        conv2 = conv + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "And then?"}]
+        r2 = m.generate(conv2, max_new_tokens=6, **GREEDY)
+        assert r2.cached_tokens >= r1.prompt_tokens - 1
+
+
+def test_dropped_model_keeps_its_stream(tiny_dir, alone):
+    """A stream keeps its model alive: load(...).generate(..., stream=True) reads to the end; dropping both
+    then frees the model and its scheduler thread."""
+    prompt, kw = job(0)
+    s = qwen_native.load(tiny_dir, dtype="float32", num_threads=1).generate(prompt, stream=True, **kw)
+    gc.collect()
+    assert "".join(s) == alone[0].text
+    before = threading.active_count()
+    del s
+    gc.collect()
+    assert threading.active_count() == before - 1  # the scheduler thread ended with its model
+
+
+def test_generation_options(tiny_model):
+    opts = GenerationOptions(max_new_tokens=5, **GREEDY)
+    a = tiny_model.generate("Tell me a story", opts)
+    b = tiny_model.generate("Tell me a story", max_new_tokens=5, **GREEDY)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 5
+    assert len(tiny_model.generate("Tell me a story", opts, max_new_tokens=2).token_ids) == 2  # keywords win
+    with pytest.raises(TypeError, match="'max_tokens'; did you mean 'max_new_tokens'"):
+        tiny_model.generate("hi", max_tokens=3)
+    with pytest.raises(TypeError, match="options must be a GenerationOptions"):
+        tiny_model.generate("hi", {"max_new_tokens": 3})
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationOptions(top_p=2.0)
+    assert qwen_native.generate("Tell me a story", tiny_model, opts).token_ids == a.token_ids
+
+
+def test_verifying_proposals_keeps_the_greedy_tokens(tiny_dir, alone):
+    """The verify step: proposed ids are fed after a sequence's last token in one pass, the agreeing prefix is
+    kept (and the model's next id after it), the rest dropped from the cache. Right, wrong and half-right
+    proposals all give exactly the greedy tokens; right ones take fewer passes."""
+    import time
+
+    from qwen_native.scheduler import Request
+
+    prompt, kw = job(0)
+    expected = alone[0].token_ids
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=2) as m:
+        ids = m.tokenizer.prompt_ids(prompt, chat_template=False)
+        opts = GenerationOptions(**kw)
+
+        def run(proposer):
+            r = Request(ids, opts.sampling(m.generation_config), None, kw["max_new_tokens"], (),
+                        frozenset(m.eos_token_ids), False, time.perf_counter())
+            r.proposer = proposer
+            m._scheduler.submit(r)
+            return r.wait()
+
+        def right(tokens, k=4):
+            done = len(tokens) - len(ids)
+            return expected[done:done + k]
+
+        def wrong(tokens):
+            return [(t + 1) % 512 for t in right(tokens, 3)]
+
+        def half(tokens):
+            good = right(tokens, 2)
+            return good + [(t + 7) % 512 for t in right(tokens, 4)[2:]]
+
+        passes = {}
+        for name, proposer in (("right", right), ("wrong", wrong), ("half", half), ("none", None)):
+            out = run(proposer)
+            assert out.token_ids == expected, name
+            assert m._scheduler.idle and m._scheduler.consistent(), name
+            passes[name] = out.decode_passes
+            assert out.decode_tokens == len(expected) - 1
+        assert passes["right"] < passes["half"] < passes["none"] == passes["wrong"] == len(expected) - 1
