@@ -137,6 +137,9 @@ class _Sequence:
         self.sampler = Sampler(request.params, request.seed)
         self.fast_greedy = request.params.greedy and request.params.repetition_penalty == 1.0
         self.finish_reason: Optional[str] = None
+        self.feed: List[int] = []      # what it feeds the next pass (plan)
+        self.proposal: List[int] = []  # the proposed ids among them
+        self.logits = 0                # how many of its last rows need logits
         self.prefill_s = self.decode_s = 0.0
         self.decode_steps = 0
         self.ttft_s = 0.0
@@ -151,7 +154,7 @@ class _Sequence:
         request has a proposer (no more than fit in `room` positions or are still to generate)."""
         if self.prefilling:
             self.feed = self.tokens[self.fed:min(len(self.request.ids), self.fed + PREFILL_CHUNK)]
-            self.proposal: List[int] = []
+            self.proposal = []
             self.logits = 1 if self.fed + len(self.feed) == len(self.request.ids) else 0
             return
         self.proposal = []
