@@ -41,7 +41,7 @@ def _real(name: str, v: Any) -> float:
     try:
         f = float(v)
     except OverflowError:  # an int beyond the float range: as infinite, which every range check rejects
-        f = math.inf if int(v) > 0 else -math.inf
+        f = math.inf if v > 0 else -math.inf  # type: ignore[operator]  # numbers.Real has no __gt__ in typeshed
     if math.isnan(f):
         raise ValueError(f"{name} must be a number, got NaN")
     return f
