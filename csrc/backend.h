@@ -39,7 +39,8 @@ class Backend {
   virtual std::string name() const = 0;
 
   // --- storage -------------------------------------------------------------------------------------------------
-  // Whether this backend can hold (and multiply by) parameters in format f.
+  // Whether this backend can hold (and multiply by) matrices in format f. Norm weights and biases are F32 vectors,
+  // which every backend holds.
   virtual bool stores(Format f) const = 0;
   // Activations between ops (normed inputs, q/k/v, attention output, MLP hidden) and the KV cache. The residual
   // stream and the logits are always F32.

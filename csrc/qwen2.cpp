@@ -148,7 +148,7 @@ void Qwen2Model::load(const std::vector<TensorSource>& tensors, const WeightForm
     if (!fresh && it->second.first != f)
       throw std::invalid_argument(name + " and " + it->second.second + " are stored as one stacked matrix: give them "
                                   "the same format");
-    if (!b.stores(f))
+    if (!vector && !b.stores(f))
       throw std::invalid_argument("the " + b.name() + " backend cannot store " + name + " as " + format_name(f));
   }
 
@@ -281,10 +281,11 @@ void Qwen2Model::forward(KVCache& cache, const Rows& rows, const std::vector<int
     wanted.clear();
     for (size_t j = next; j < logit_rows.size() && logit_rows[j] < end; ++j) wanted.push_back(logit_rows[j] - done);
     backend_.begin_forward(chunk);
-    if (n == 1) {  // one row: the step a backend may record once and replay
+    if (n == 1) {  // one row: the step a backend may record once and replay, so always the same work
+      const int64_t row0 = 0;
       backend_.run_decode_step([&] {
         run_layers(cache, 1);
-        if (!wanted.empty()) lm_head_rows(wanted.data(), 1);
+        lm_head_rows(&row0, 1);
       });
     } else {
       run_layers(cache, n);
