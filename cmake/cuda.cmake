@@ -152,6 +152,9 @@ endif()
 message(STATUS "qwen-native: CUDA backend ON (nvcc ${CUDAToolkit_VERSION}, architectures ${CMAKE_CUDA_ARCHITECTURES})")
 set(_qn_cuda_sources
   csrc/cuda/backend_cuda.cu
+  csrc/cuda/memory.cu
+  csrc/cuda/graph.cu
+  csrc/cuda/tuner.cu
   csrc/cuda/kernels.cu
   csrc/cuda/gemv.cu
   csrc/cuda/attention.cu

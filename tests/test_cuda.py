@@ -41,6 +41,8 @@ try:
     EMULATED = hasattr(_lib, "qwen_cuda_emu_graph_launches")
 except OSError:
     _lib, EMULATED = None, False
+if EMULATED:
+    _lib.qwen_cuda_emu_fail_once.argtypes = [ctypes.c_char_p]
 
 pytestmark = [
     pytest.mark.cuda,
@@ -52,7 +54,8 @@ TOL = 2e-2      # bf16 activations and weights vs float32, max-abs relative
 TOL_F32 = 3e-2  # float32 checkpoint rounded to bf16 on the GPU
 
 # Shapes covering the cases the kernels branch on: GQA group 1, 2, 4, 6, 12 (two decode head batches), head_dim
-# 16 / 32 / 64 / 128, tied and untied lm_head, widths the GEMV takes (multiples of 8) and ones it leaves to cuBLAS.
+# 16 / 32 / 64 / 128, tied and untied lm_head, widths the GEMV takes (multiples of 8) and ones it leaves to cuBLAS;
+# Qwen2.5-1.5B's attention (12 heads, 2 kv heads, head_dim 128) on a narrow hidden size.
 CONFIGS = {
     "gqa2-tied": dict(),                                                        # hd 16, I 97 (down_proj on cuBLAS)
     "mha-untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
@@ -61,6 +64,10 @@ CONFIGS = {
     "group12-hd32": dict(hidden_size=384, num_attention_heads=12, num_key_value_heads=1, intermediate_size=128,
                          tie_word_embeddings=False),
     "hd128": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, intermediate_size=344),
+    "group6-hd128": dict(hidden_size=256, num_attention_heads=12, num_key_value_heads=2, head_dim=128,
+                         intermediate_size=256),
+    "group12-hd128": dict(hidden_size=256, num_attention_heads=12, num_key_value_heads=1, head_dim=128,
+                          intermediate_size=128, tie_word_embeddings=False),
 }
 
 
@@ -203,9 +210,12 @@ def test_kv_cache_across_turns_with_truncate(tmp_path):
     assert rel(g.prefill(turn2), c.prefill(turn2)) < TOL
 
 
-def test_long_context_uses_split_kv(tmp_path):
-    # Decode over a long cache: the split-KV kernel runs several splits and merges them.
-    cfg, table = checkpoint(tmp_path, "gqa2-tied", seed=8, max_position_embeddings=1024)
+@pytest.mark.parametrize("name", ["gqa2-tied", "group6-hd128", "group12-hd128"])
+def test_long_context_uses_split_kv(tmp_path, monkeypatch, name):
+    # Decode over a long cache: the split-KV kernel runs several splits and merges them. The emulated device gets
+    # more multiprocessors, so that there are more splits than the short emulated context fills.
+    monkeypatch.setenv("QWEN_CUDA_EMU_SMS", "32")
+    cfg, table = checkpoint(tmp_path, name, seed=8, max_position_embeddings=1024)
     n = 60 if EMULATED else 700  # > 512: the prompt is also prefilled in two chunks on the GPU
     g, c = gpu(cfg, table, max_context=1024), cpu(cfg, table, max_context=1024)
     ids = prompt(n, cfg["vocab_size"], seed=9)
@@ -242,6 +252,154 @@ def test_graph_replay_is_identical_to_eager(tmp_path, monkeypatch, mode):
     if EMULATED:
         # the first decode step runs eagerly (it sizes and times things), every later one replays the graph
         assert _lib.qwen_cuda_emu_graph_launches() - launches == 20 - 1 + 5
+
+
+def ragged(seqs, parts):
+    """(slots, ids, positions) of one pass: for each (slot, start, n), tokens start .. start + n - 1 of seqs[slot]."""
+    slots, ids, positions = [], [], []
+    for s, a, n in parts:
+        slots += [s] * n
+        ids += seqs[s][a:a + n]
+        positions += list(range(a, a + n))
+    return slots, ids, positions
+
+
+def test_ragged_batch_matches_each_sequence_alone(tmp_path):
+    # Passes mixing slots: two prompts; a prompt with one decode row each of two other slots; single rows of three
+    # slots (through the prefill kernel); one row of one slot, then of another (the decode kernel, eager, then its
+    # graph). Each sequence's logits at every position are the ones it gets alone, on the CPU and on the GPU.
+    cfg, table = checkpoint(tmp_path, "group6-hd64", seed=12)
+    V = cfg["vocab_size"]
+    seqs = {0: prompt(23, V, seed=13), 2: prompt(10, V, seed=14), 3: prompt(14, V, seed=15)}
+    passes = [[(2, 0, 7), (3, 0, 12)],
+              [(0, 0, 21), (2, 7, 1), (3, 12, 1)],
+              [(3, 13, 1), (0, 21, 1), (2, 8, 1)],
+              [(0, 22, 1)],
+              [(2, 9, 1)]]
+    g = gpu(cfg, table, num_slots=4)
+    got = {s: [] for s in seqs}
+    for parts in passes:
+        slots, ids, positions = ragged(seqs, parts)
+        out = g.forward(slots, ids, positions, logit_rows=list(range(len(ids))), argmax=False)
+        assert out.shape == (len(ids), V)
+        r = 0
+        for s, _, n in parts:
+            got[s].extend(out[r:r + n])
+            r += n
+    assert g.lengths == [23, 0, 10, 14]
+    for s, ids in seqs.items():
+        batched = np.array(got[s])
+        assert rel(batched, cpu(cfg, table).prefill(ids, all_logits=True)) < TOL, f"slot {s} vs the CPU"
+        assert rel(batched, gpu(cfg, table).prefill(ids, all_logits=True)) < TOL, f"slot {s} vs alone on the GPU"
+    # The multi-row argmax of a ragged pass: the third pass again, after cutting every slot back to before it.
+    for s, n in ((0, 21), (2, 8), (3, 13)):
+        g.truncate(n, slot=s)
+    slots, ids, positions = ragged(seqs, passes[2])
+    logits = g.forward(slots, ids, positions)
+    for s, n in ((0, 21), (2, 8), (3, 13)):
+        g.truncate(n, slot=s)
+    np.testing.assert_array_equal(g.forward(slots, ids, positions, argmax=True), np.argmax(logits, axis=1))
+
+
+@pytest.mark.parametrize("op", ["truncate", "reset"])
+def test_truncating_or_resetting_a_slot_leaves_the_others(tmp_path, monkeypatch, op):
+    monkeypatch.setenv("QWEN_NATIVE_GEMV", "gemv")  # both models the same kernels: bit-identical logits
+    cfg, table = checkpoint(tmp_path, "gqa2-tied", seed=16)
+    V = cfg["vocab_size"]
+    seqs = {s: prompt(n, V, seed=17 + s) for s, n in enumerate((11, 6, 15))}
+    a, b = gpu(cfg, table, num_slots=3), gpu(cfg, table, num_slots=3)
+    for m in (a, b):
+        m.forward(*ragged(seqs, [(s, 0, len(ids)) for s, ids in seqs.items()]))
+        m.decode(3, slot=1)
+    # On `a` only, slot 1 is cut back (or emptied) and refilled with other tokens, over the same cache rows.
+    if op == "truncate":
+        a.truncate(4, slot=1)
+    else:
+        a.reset(slot=1)
+    kept = a.lengths[1]
+    assert kept == (4 if op == "truncate" else 0)
+    a.prefill(prompt(8, V, seed=30), slot=1)
+    assert a.lengths == [11, kept + 8, 15] and b.lengths == [11, 7, 15]
+    for s in (0, 2):
+        np.testing.assert_array_equal(a.decode(5, slot=s), b.decode(5, slot=s), err_msg=f"slot {s}")
+    both = ([0, 2], [7, 8], [12, 16])
+    np.testing.assert_array_equal(a.forward(*both), b.forward(*both))
+
+
+def test_graph_replay_serves_every_slot(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_NATIVE_GEMV", "gemv")
+    cfg, table = checkpoint(tmp_path, "gqa2-tied", seed=18)
+    V = cfg["vocab_size"]
+    monkeypatch.setenv("QWEN_NATIVE_CUDA_GRAPH", "1")
+    with_graph = gpu(cfg, table, num_slots=3)
+    monkeypatch.setenv("QWEN_NATIVE_CUDA_GRAPH", "0")
+    eager, c = gpu(cfg, table, num_slots=3), cpu(cfg, table, num_slots=3)
+    seqs = {s: prompt(n, V, seed=19 + s) for s, n in enumerate((5, 13, 20))}
+    rows = ragged(seqs, [(s, 0, len(ids)) for s, ids in seqs.items()])
+    np.testing.assert_array_equal(with_graph.forward(*rows), eager.forward(*rows))
+    c.forward(*rows)
+    launches = _lib.qwen_cuda_emu_graph_launches() if EMULATED else None
+    toks, worst = [1, 2, 3], 0.0
+    for step in range(12):
+        s = (2 * step) % 3  # slots 0, 2, 1, 0, ...: every replay continues another slot at another position
+        a, b = with_graph.decode(toks[s], slot=s), eager.decode(toks[s], slot=s)
+        np.testing.assert_array_equal(a, b, err_msg=f"decode step {step} (slot {s})")
+        worst = max(worst, rel(a, c.decode(toks[s], slot=s)))
+        toks[s] = int(np.argmax(a))
+    assert worst < TOL, worst
+    for step in range(6):
+        s = step % 3
+        ta, tb = with_graph.decode_argmax(toks[s], slot=s), eager.decode_argmax(toks[s], slot=s)
+        assert ta == tb
+        toks[s] = ta
+    assert with_graph.lengths == eager.lengths == [5 + 6, 13 + 6, 20 + 6]
+    if EMULATED:
+        assert _lib.qwen_cuda_emu_graph_launches() - launches == 12 - 1 + 6
+
+
+def test_a_one_row_pass_without_logits_does_not_spoil_the_graph(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_NATIVE_GEMV", "cublas")
+    cfg, table = checkpoint(tmp_path, "gqa2-tied", seed=23, max_position_embeddings=1024)
+    V = cfg["vocab_size"]
+    g, c = gpu(cfg, table, max_context=600, num_slots=2), cpu(cfg, table, max_context=600, num_slots=2)
+    ids = prompt(512, V, seed=24)
+    for m in (g, c):
+        m.prefill([1, 2, 3], slot=1)
+        m.decode(4, slot=1)  # the eager first step
+        # 512 rows of slot 0 fill one pass; the row of slot 1 is a one-row pass of its own, with no logits wanted
+        m.forward([0] * 512 + [1], ids + [5], list(range(512)) + [4], logit_rows=[0])
+    assert rel(g.decode(6, slot=1), c.decode(6, slot=1)) < TOL
+
+
+@pytest.mark.skipif(not EMULATED, reason="the failure is injected through the CUDA emulator (tests/cuda_emu)")
+@pytest.mark.parametrize("call", ["cudaStreamBeginCapture", "cudaStreamEndCapture", "cudaGraphInstantiate", "launch"])
+def test_failed_graph_capture_falls_back_to_eager_steps(tmp_path, monkeypatch, call):
+    monkeypatch.setenv("QWEN_NATIVE_GEMV", "gemv")
+    cfg, table = checkpoint(tmp_path, "gqa2-tied", seed=21)
+    V = cfg["vocab_size"]
+    monkeypatch.setenv("QWEN_NATIVE_CUDA_GRAPH", "1")
+    g = gpu(cfg, table)
+    monkeypatch.setenv("QWEN_NATIVE_CUDA_GRAPH", "0")
+    eager, c = gpu(cfg, table), cpu(cfg, table)
+    ids = prompt(9, V, seed=22)
+    np.testing.assert_array_equal(g.prefill(ids), eager.prefill(ids))
+    c.prefill(ids)
+    tok = 4
+    np.testing.assert_array_equal(g.decode(tok), eager.decode(tok))  # the eager first step
+    c.decode(tok)
+    _lib.qwen_cuda_emu_fail_once(call.encode())  # the next step's recording fails there
+    launches = _lib.qwen_cuda_emu_graph_launches()
+    worst = 0.0
+    for step in range(6):
+        a, b = g.decode(tok), eager.decode(tok)
+        np.testing.assert_array_equal(a, b, err_msg=f"decode step {step}")
+        worst = max(worst, rel(a, c.decode(tok)))
+        tok = int(np.argmax(a))
+    assert worst < TOL, worst
+    assert _lib.qwen_cuda_emu_graph_launches() == launches  # every step ran eagerly
+    why = "cudaErrorStreamCaptureInvalidated" if call == "launch" else call
+    assert "CUDA graph off (capture failed: " in g.backend and why in g.backend, g.backend
+    assert g.length == eager.length == 9 + 7
 
 
 def test_bad_inputs_raise_as_on_cpu(tmp_path):

@@ -1,16 +1,21 @@
 // Causal grouped-query attention over the bf16 KV cache, one kernel template for both cases:
 //
-//   prefill (T > 1): block = (tile of 16 query tokens, one query head); keys 0 .. pos0 + last token of the tile.
+//   prefill (T > 1): block = (tile, one query head), a tile being up to 16 rows of one run (StepParams' tiles: one
+//                    slot, consecutive positions); keys 0 .. the position of the tile's last row, of that slot.
+//                    Any mix of runs, single rows of other slots included.
 //   decode  (T = 1): block = (split of the cache, kv head, batch of up to 8 query heads sharing that kv head);
-//                    split-KV "flash-decoding": each block covers a slice of positions, writes an unnormalised
-//                    partial (output, running max, running sum), and the last block of its kv head to finish
-//                    merges the slices and writes the output — one launch per layer.
+//                    split-KV "flash-decoding" over the row's slot: each block covers a slice of positions, writes
+//                    an unnormalised partial (output, running max, running sum), and the last block of its kv head
+//                    to finish merges the slices and writes the output — one launch per layer. The slot and the
+//                    position come from StepParams, so a recorded graph serves every slot.
 //
 // A block is 4 warps; each warp owns RPW query rows. Keys come through shared memory in tiles of 32 (one key per
 // lane for the scores), rows padded by one word so that lane j reading key j's row hits its own bank. Softmax is
 // online in f32 (running max m, running sum l, output rescaled when the max grows); no T×T score matrix exists
 // anywhere, in shared or global memory. Scores, exponentials and the output accumulate in f32; the output is
 // rounded to bf16 once.
+#include <algorithm>
+
 #include "cuda/kernels.cuh"
 
 namespace qwen {
@@ -21,6 +26,9 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTile = 32;  // keys per shared-memory tile = lanes per warp
+constexpr int kPrefillRpw = 4;                    // query rows per warp: 16 rows per prefill block
+constexpr int kPrefillRows = kWarps * kPrefillRpw;
+constexpr int kDecodeRpw = kDecodeRows / kWarps;  // 8 query heads per decode block
 
 size_t smem_bytes(int rows, int hd) {
   const int hw = hd / 2;  // 32-bit words (bf16 pairs) per row
@@ -38,32 +46,39 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnArgs a) {
   bf16* Vs = reinterpret_cast<bf16*>(Ks + kTile * (hw + 1));  // [kTile][hd] value tile
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int pos0 = a.params->pos0;
 
   // --- which rows, which keys ---------------------------------------------------------------------------------
   int g;                       // the kv head every row of this block reads
-  int key_begin, key_end;      // keys [key_begin, key_end) of the cache
-  int t0 = 0, h_first = 0;     // prefill: tokens t0 + r of head h_first; decode: heads h_first + r of token 0
+  int slot, pos;               // the slot, and the position of the block's first row
+  int key_begin, key_end;      // keys [key_begin, key_end) of the slot's cache
+  int t0 = 0, h_first = 0;     // prefill: rows t0 + r of head h_first; decode: heads h_first + r of row 0
   int n_rows;                  // valid rows (the rest of the ROWS are padding)
   int L = 0, n_eff = 0, chunk = 0;
   if (!DECODE) {
+    const AttnTile tile = step_tiles(a.params)[blockIdx.x];
     h_first = blockIdx.y;
     g = h_first / a.group;
-    t0 = (gridDim.x - 1 - blockIdx.x) * ROWS;  // the longest rows (latest tokens) are scheduled first
-    n_rows = min(ROWS, a.T - t0);
+    t0 = tile.row;
+    n_rows = tile.rows;
+    slot = tile.slot;
+    pos = tile.pos;
     key_begin = 0;
-    key_end = pos0 + t0 + n_rows;              // token t sees positions 0 .. pos0 + t
+    key_end = pos + n_rows;                    // row t0 + r sees positions 0 .. pos + r
   } else {
+    const StepRow row = step_rows(a.params)[0];
+    slot = row.slot;
+    pos = row.pos;
     g = blockIdx.y;
     const int first = blockIdx.z * ROWS;       // index of the first row inside the group
     h_first = g * a.group + first;
     n_rows = min(ROWS, a.group - first);
-    L = pos0 + 1;                               // the query at position pos0 sees 0 .. pos0
+    L = pos + 1;                               // the query at position pos sees 0 .. pos
     n_eff = min(a.s_max, (L + a.min_chunk - 1) / a.min_chunk);
     chunk = (L + n_eff - 1) / n_eff;
     key_begin = blockIdx.x * chunk;             // splits past the end (blockIdx.x >= n_eff or the tail) are empty
     key_end = min(L, key_begin + chunk);
   }
+  const int64_t kv_base = (int64_t(slot) * a.kv_heads + g) * a.max_pos;  // cache row of (slot, g, position 0)
   auto row_q = [&](int r) -> const bf16* {
     return DECODE ? a.q + int64_t(h_first + r) * hd : a.q + int64_t(t0 + r) * a.ldq + int64_t(h_first) * hd;
   };
@@ -77,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnArgs a) {
   for (int rr = 0; rr < RPW; ++rr) {
     const int r = warp * RPW + rr;
     ok[rr] = r < n_rows;
-    limit[rr] = ok[rr] ? (DECODE ? pos0 : pos0 + t0 + r) : -1;
+    limit[rr] = ok[rr] ? (DECODE ? pos : pos + r) : -1;
     warp_limit = max(warp_limit, limit[rr]);
     m[rr] = -INFINITY;
     l[rr] = 0.0f;
@@ -100,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttnArgs a) {
       const int key = kt + j;
       uint32_t kw = 0u, vw = 0u;  // keys past the end read as zeros: never NaN garbage times a zero weight
       if (key < key_end) {
-        const int64_t row = int64_t(g) * a.max_pos + key;
+        const int64_t row = kv_base + key;
         kw = reinterpret_cast<const uint32_t*>(a.k_cache + row * a.ldkv)[w];
         vw = reinterpret_cast<const uint32_t*>(a.v_cache + row * a.ldkv)[w];
       }
@@ -258,9 +273,6 @@ void launch_ni(const AttnArgs& a, dim3 grid, cudaStream_t stream) {
   QWEN_CUDA_LAUNCHED();
 }
 
-constexpr int kPrefillRpw = 4;                  // 16 query tokens per block
-constexpr int kDecodeRpw = kDecodeRows / kWarps;  // 8 query heads per block
-
 }  // namespace
 
 bool attention_layout_supported(const AttnArgs& a) {
@@ -271,9 +283,22 @@ bool attention_layout_supported(const AttnArgs& a) {
 }
 
 void launch_attention_prefill(const AttnArgs& a, cudaStream_t stream) {
-  constexpr int rows = kWarps * kPrefillRpw;
-  const dim3 grid(unsigned((a.T + rows - 1) / rows), unsigned(a.heads));
+  const dim3 grid(unsigned(a.n_tiles), unsigned(a.heads));
   launch_ni<kPrefillRpw, false>(a, grid, stream);
+}
+
+void attention_tiles(const int32_t* slots, const int32_t* positions, int64_t T, std::vector<AttnTile>& tiles) {
+  tiles.clear();
+  for (int64_t t = 0; t < T;) {
+    int64_t end = t + 1;
+    while (end < T && slots[end] == slots[t]) ++end;
+    for (int64_t r = t; r < end; r += kPrefillRows)
+      tiles.push_back({int32_t(r), int32_t(std::min<int64_t>(kPrefillRows, end - r)), slots[t], positions[r]});
+    t = end;
+  }
+  // The tiles that see the most keys start first, so that none of the longest is left to run alone at the end.
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const AttnTile& x, const AttnTile& y) { return x.pos + x.rows > y.pos + y.rows; });
 }
 
 void launch_attention_decode(const AttnArgs& a, cudaStream_t stream) {

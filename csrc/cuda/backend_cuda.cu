@@ -2,39 +2,36 @@
 // and logits, every op on one stream.
 //
 //   matmuls      T > 1: cuBLAS (cublasGemmEx, bf16 in, f32 compute, f32 or bf16 out; the residual add is the
-//                GEMM's beta = 1). T = 1: our bf16 GEMV (gemv.cu) or cuBLAS, chosen per shape by timing both once,
-//                in CUDA graphs, during the first decode step (QWEN_NATIVE_GEMV=gemv|cublas forces one).
-//   other ops    our kernels (kernels.cu, attention.cu); positions and token ids are read from device memory
-//                (StepParams), written once per pass by begin_forward.
-//   decode step  recorded once into a CUDA graph and replayed for every later token (QWEN_NATIVE_CUDA_GRAPH=0
-//                turns that off); greedy decoding brings back 4 bytes per token.
+//                GEMM's beta = 1). T = 1: our bf16 GEMV (gemv.cu) or cuBLAS, per shape (tuner.cu).
+//   other ops    our kernels (kernels.cu, attention.cu); token ids, slots and positions are read from device memory
+//                (StepParams, memory.cu), written once per pass by begin_forward.
+//   one-row step recorded once into a CUDA graph and replayed for every later one-row pass, whatever its slot and
+//                position (graph.cu); greedy decoding brings back 4 bytes per token.
 //
-// Every CUDA and cuBLAS call is checked; failures throw std::runtime_error with the library's error string.
+// Every CUDA and cuBLAS call is checked; failures throw CudaError (a std::runtime_error) with the library's error
+// string.
 #include <cublas_v2.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <functional>
-#include <map>
 #include <sstream>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "backend.h"
+#include "cuda/graph.cuh"
 #include "cuda/kernels.cuh"
+#include "cuda/memory.cuh"
+#include "cuda/tuner.cuh"
 
 #define QWEN_CUBLAS_CHECK(expr)                                                                               \
   do {                                                                                                        \
     cublasStatus_t qwen_st_ = (expr);                                                                         \
     if (qwen_st_ != CUBLAS_STATUS_SUCCESS)                                                                    \
-      throw std::runtime_error(std::string("cuBLAS error ") + cublasGetStatusName(qwen_st_) + " (" +          \
-                               cublasGetStatusString(qwen_st_) + ") in " #expr " at " __FILE__ ":" +          \
-                               std::to_string(__LINE__));                                                     \
+      throw ::qwen::cuda::CudaError(std::string("cuBLAS error ") + cublasGetStatusName(qwen_st_) + " (" +     \
+                                    cublasGetStatusString(qwen_st_) + ") in " #expr " at " __FILE__ ":" +     \
+                                    std::to_string(__LINE__));                                                \
   } while (0)
 
 namespace qwen {
@@ -42,124 +39,77 @@ namespace qwen {
 namespace {
 
 using cuda::bf16;
-using cuda::StepParams;
+using cuda::CudaError;
+using cuda::GemvTuner;
+using cuda::Scratch;
 
 constexpr size_t kCublasWorkspace = size_t(32) << 20;  // what cuBLAS recommends for Hopper; set so graphs capture
-constexpr int64_t kReserveMargin = int64_t(256) << 20;   // cuBLAS, scratch buffers, the graph, fragmentation
-// Timing of one-token matmul shapes: graphs of up to kTuneMaxReps launches, each timed kTuneLaunches times after a
-// warm-up (the CPU emulation in tests/cuda_emu sets both to 1).
-#ifndef QWEN_CUDA_TUNE_MAX_REPS
-#define QWEN_CUDA_TUNE_MAX_REPS 50
-#endif
-#ifndef QWEN_CUDA_TUNE_LAUNCHES
-#define QWEN_CUDA_TUNE_LAUNCHES 3
-#endif
-
-std::string mib(int64_t bytes) { return std::to_string((bytes + (int64_t(1) << 20) - 1) >> 20) + " MiB"; }
-
-bool env_flag(const char* name, bool fallback) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
-  std::string s(v);
-  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
-  if (s == "0" || s == "false" || s == "off" || s == "no") return false;
-  if (s == "1" || s == "true" || s == "on" || s == "yes") return true;
-  throw std::invalid_argument(std::string(name) + "=" + v + ": expected 0 or 1");
-}
-
-enum class GemvMode { Auto, Gemv, Cublas };
-
-GemvMode gemv_mode_from_env() {
-  const char* v = std::getenv("QWEN_NATIVE_GEMV");
-  if (!v || !*v || std::string(v) == "auto") return GemvMode::Auto;
-  if (std::string(v) == "gemv") return GemvMode::Gemv;
-  if (std::string(v) == "cublas") return GemvMode::Cublas;
-  throw std::invalid_argument(std::string("QWEN_NATIVE_GEMV=") + v + ": expected auto, gemv or cublas");
-}
 
 void check(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("cuda backend: " + what);
 }
 
+std::string device_label(int dev, const cudaDeviceProp& prop) {
+  return "cuda:" + std::to_string(dev) + " (" + prop.name + ")";
+}
+
+cudaDeviceProp device_properties(int dev) {
+  QWEN_CUDA_CHECK(cudaSetDevice(dev));
+  cudaDeviceProp prop{};
+  QWEN_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  if (prop.major < 8)
+    throw std::runtime_error(device_label(dev, prop) + " has compute capability " + std::to_string(prop.major) + "." +
+                             std::to_string(prop.minor) + ": the CUDA backend needs bfloat16 tensor cores, compute "
+                             "capability 8.0 (Ampere) or newer");
+  QWEN_CUDA_CHECK(cudaFree(nullptr));  // create the context now, so reserve() sees what is really free
+  return prop;
+}
+
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device) : dev_(device) {
-    use_graph_ = env_flag("QWEN_NATIVE_CUDA_GRAPH", true);
-    gemv_mode_ = gemv_mode_from_env();
-    QWEN_CUDA_CHECK(cudaSetDevice(dev_));
-    QWEN_CUDA_CHECK(cudaGetDeviceProperties(&prop_, dev_));
-    if (prop_.major < 8)
-      throw std::runtime_error("cuda:" + std::to_string(dev_) + " (" + prop_.name + ", compute capability " +
-                               std::to_string(prop_.major) + "." + std::to_string(prop_.minor) +
-                               ") is too old: the CUDA backend needs bfloat16 tensor cores, compute capability 8.0 "
-                               "(Ampere) or newer");
-    QWEN_CUDA_CHECK(cudaFree(nullptr));  // create the context now, so reserve() sees what is really free
+  explicit CudaBackend(int device)
+      : dev_(device), prop_(device_properties(device)), mem_(device, device_label(device, prop_)),
+        pass_(mem_), tuner_(mem_, prop_.multiProcessorCount) {
     try {
       QWEN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-      QWEN_CUDA_CHECK(cudaEventCreateWithFlags(&params_copied_, cudaEventDisableTiming));
-      QWEN_CUDA_CHECK(cudaEventCreate(&t0_));
-      QWEN_CUDA_CHECK(cudaEventCreate(&t1_));
       QWEN_CUBLAS_CHECK(cublasCreate(&blas_));
       QWEN_CUBLAS_CHECK(cublasSetStream(blas_, stream_));
-      blas_ws_ = device_alloc(kCublasWorkspace, "the cuBLAS workspace");
-      QWEN_CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_ws_, kCublasWorkspace));
+      void* ws = mem_.alloc(kCublasWorkspace, "the cuBLAS workspace");
+      QWEN_CUBLAS_CHECK(cublasSetWorkspace(blas_, ws, kCublasWorkspace));
       QWEN_CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));  // no TF32 anywhere
-      grow_params(4096);
-      am_v_ = static_cast<float*>(device_alloc(sizeof(float) * cuda::kArgmaxMaxBlocks, "argmax scratch"));
-      am_i_ = static_cast<int32_t*>(device_alloc(sizeof(int32_t) * cuda::kArgmaxMaxBlocks, "argmax scratch"));
-      am_counter_ = static_cast<unsigned*>(device_alloc(sizeof(unsigned), "argmax scratch"));
-      am_result_ = static_cast<int32_t*>(device_alloc(sizeof(int32_t), "argmax scratch"));
-      QWEN_CUDA_CHECK(cudaMemsetAsync(am_counter_, 0, sizeof(unsigned), stream_));
-      QWEN_CUDA_CHECK(cudaMallocHost(&h_result_, sizeof(int32_t)));
+      const size_t n = cuda::kArgmaxMaxBlocks;
+      am_v_ = static_cast<float*>(mem_.alloc(n * 4, "argmax scratch"));
+      am_i_ = static_cast<int32_t*>(mem_.alloc(n * 4, "argmax scratch"));
+      am_counters_ = static_cast<unsigned*>(mem_.alloc(n * 4, "argmax scratch"));
+      am_result_ = static_cast<int32_t*>(mem_.alloc(n * 4, "argmax scratch"));
+      QWEN_CUDA_CHECK(cudaMemsetAsync(am_counters_, 0, n * 4, stream_));
+      am_host_.ensure(n * 4);
     } catch (...) {
       release();
       throw;
     }
   }
 
+  // The members free their memory after this (cuBLAS's workspace included): the stream is idle by then.
   ~CudaBackend() override { release(); }
 
   std::string name() const override {
     std::ostringstream s;
     s << "cuda:" << dev_ << " (" << prop_.name << ", sm_" << prop_.major << prop_.minor << ", "
-      << prop_.multiProcessorCount << " SMs, " << mib(int64_t(allocated_)) << " allocated; CUDA graph "
-      << (use_graph_ ? "on" : "off") << "; one-token matmuls: "
-      << (gemv_mode_ == GemvMode::Gemv ? "gemv (forced)" : gemv_mode_ == GemvMode::Cublas ? "cublas (forced)" : "timed");
-    bool first = true;
-    for (const auto& [shape, c] : choices_) {
-      s << (first ? " " : ", ") << shape.first << "x" << shape.second << "="
-        << (c.cublas ? std::string("cublas") : "gemv/" + std::to_string(c.wpr));
-      if (c.gemv_us > 0 && c.cublas_us > 0) {
-        char buf[64];
-        std::snprintf(buf, sizeof buf, " (gemv %.1f us, cublas %.1f us)", c.gemv_us, c.cublas_us);
-        s << buf;
-      }
-      first = false;
-    }
-    s << ")";
+      << prop_.multiProcessorCount << " SMs, " << cuda::mib(int64_t(mem_.allocated())) << " allocated; "
+      << graph_.describe() << "; one-token matmuls: " << tuner_.describe() << ")";
     return s.str();
   }
 
-  DType weight_dtype() const override { return DType::BF16; }
+  bool stores(Format f) const override { return f == Format::BF16; }
   DType activation_dtype() const override { return DType::BF16; }
 
   // --- memory ------------------------------------------------------------------------------------------------
-  void reserve(int64_t bytes) override {
-    QWEN_CUDA_CHECK(cudaSetDevice(dev_));
-    size_t free_b = 0, total_b = 0;
-    QWEN_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-    const int64_t need = bytes + kReserveMargin;
-    if (need > int64_t(free_b))
-      throw std::runtime_error("loading this model on cuda:" + std::to_string(dev_) + " (" + prop_.name +
-                               ") needs " + mib(need) + " of GPU memory (" + mib(bytes) +
-                               " for weights, KV cache and activations, plus " + mib(kReserveMargin) +
-                               " working space) but only " + mib(int64_t(free_b)) + " of " + mib(int64_t(total_b)) +
-                               " is free; use a smaller max_context or a smaller model, or free the GPU");
-  }
+  void reserve(int64_t bytes, const std::string& what) override { mem_.reserve(bytes, what); }
 
   Tensor alloc(DType dtype, int64_t rows, int64_t cols) override {
     check(rows >= 0 && cols >= 0, "alloc of a negative shape");
-    void* p = device_alloc(size_t(rows * cols) * dtype_size(dtype), "a tensor");
+    void* p = mem_.alloc(size_t(rows * cols) * dtype_size(dtype), "a tensor");
     return Tensor{p, dtype, rows, cols, cols};
   }
 
@@ -210,70 +160,45 @@ class CudaBackend final : public Backend {
   }
 
   // --- one forward pass --------------------------------------------------------------------------------------
-  void begin_forward(const int32_t* ids, int64_t T, int64_t pos0) override {
+  void begin_forward(const Rows& rows) override {
     QWEN_CUDA_CHECK(cudaSetDevice(dev_));
-    check(T >= 1 && pos0 >= 0 && pos0 + T < (int64_t(1) << 31), "begin_forward: bad T or position");
-    if (T > ids_cap_) grow_params(T);
-    // The previous pass's copy must have read the pinned buffer before it is overwritten.
-    QWEN_CUDA_CHECK(cudaEventSynchronize(params_copied_));
-    h_params_->pos0 = int32_t(pos0);
-    h_params_->T = int32_t(T);
-    std::memcpy(const_cast<int32_t*>(cuda::step_ids(h_params_)), ids, size_t(T) * 4);
-    QWEN_CUDA_CHECK(cudaMemcpyAsync(d_params_, h_params_, sizeof(StepParams) + size_t(T) * 4, cudaMemcpyHostToDevice,
-                                    stream_));
-    QWEN_CUDA_CHECK(cudaEventRecord(params_copied_, stream_));
-    T_ = T;
-    pos0_ = pos0;
+    check(rows.T >= 1 && rows.T < (int64_t(1) << 30), "begin_forward: bad row count");
+    max_slot_ = max_pos_ = 0;
+    for (int64_t t = 0; t < rows.T; ++t) {
+      check(rows.slots[t] >= 0 && rows.positions[t] >= 0, "begin_forward: negative slot or position");
+      max_slot_ = std::max<int64_t>(max_slot_, rows.slots[t]);
+      max_pos_ = std::max<int64_t>(max_pos_, rows.positions[t]);
+    }
+    if (rows.T > 1) cuda::attention_tiles(rows.slots, rows.positions, rows.T, tiles_);
+    else tiles_.clear();  // one row: the decode attention, no tiles
+    if (pass_.write(rows, tiles_, stream_)) graph_.invalidate();
+    T_ = rows.T;
   }
 
   void run_decode_step(const std::function<void()>& body) override {
     QWEN_CUDA_CHECK(cudaSetDevice(dev_));
-    if (!tuned_) {
-      // The first decode step runs eagerly: it times the one-token matmul shapes and allocates any scratch that
+    if (!warmed_up_) {
+      // The first one-row step runs eagerly: it times the one-row matmul shapes and allocates any scratch that
       // decoding needs, so the graph recorded at the next step contains no allocation and no timing.
-      tuning_ = true;
+      timing_ = true;
       try {
         body();
       } catch (...) {
-        tuning_ = false;
+        timing_ = false;
         throw;
       }
-      tuning_ = false;
-      tuned_ = true;
+      timing_ = false;
+      warmed_up_ = true;
       return;
     }
-    if (!use_graph_) {
-      body();
-      return;
-    }
-    if (!graph_exec_) {
-      QWEN_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-      capturing_ = true;
-      cudaGraph_t graph = nullptr;
-      try {
-        body();
-      } catch (...) {
-        capturing_ = false;
-        cudaStreamEndCapture(stream_, &graph);  // leave the stream usable; the partial graph is dropped
-        if (graph) cudaGraphDestroy(graph);
-        cudaGetLastError();
-        throw;
-      }
-      capturing_ = false;
-      QWEN_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-      cudaGraphExec_t exec = nullptr;
-      const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
-      cudaGraphDestroy(graph);
-      QWEN_CUDA_CHECK(err);
-      graph_exec_ = exec;
-    }
-    QWEN_CUDA_CHECK(cudaGraphLaunch(graph_exec_, stream_));
+    graph_.run(stream_, body);
   }
 
-  void embed(const Tensor& out, const Tensor& table) override {
-    check(out.dtype == DType::F32 && table.dtype == DType::BF16 && out.cols == table.cols && out.rows == T_,
+  void embed(const Tensor& out, const Weight& table) override {
+    check(table.format == Format::BF16 && out.dtype == DType::F32 && out.cols == table.cols() && out.rows == T_,
           "embed: expects F32 out (T, hidden) and a bf16 table");
-    cuda::launch_embed(out.ptr<float>(), out.ld, table.ptr<bf16>(), table.ld, out.cols, out.rows, d_params_, stream_);
+    cuda::launch_embed(out.ptr<float>(), out.ld, table.data.ptr<bf16>(), table.data.ld, out.cols, out.rows,
+                       pass_.device(), stream_);
   }
 
   void rmsnorm(const Tensor& out, const Tensor& x, const Tensor& weight, float eps) override {
@@ -284,19 +209,25 @@ class CudaBackend final : public Backend {
                          x.rows, eps, stream_);
   }
 
-  void matmul(const Tensor& out, const Tensor& x, const Tensor& w, const Tensor* bias, bool accumulate) override {
+  void matmul(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias, bool accumulate) override {
+    const Tensor& w = weight.data;
     const int64_t T = x.rows, n = w.rows, k = w.cols;
-    check(w.dtype == DType::BF16 && x.dtype == DType::BF16, "matmul: expects bf16 weights and input");
+    check(weight.format == Format::BF16 && x.dtype == DType::BF16, "matmul: expects bf16 weights and input");
     check(x.cols == k && out.rows == T && out.cols == n, "matmul: shape mismatch");
     check(out.dtype == DType::F32 || (out.dtype == DType::BF16 && !accumulate),
           "matmul: accumulate needs an F32 output");
     check(!bias || (bias->dtype == DType::F32 && bias->numel() == n), "matmul: bias must be F32 (1, n)");
     const float* b = bias ? bias->ptr<float>() : nullptr;
-    if (T == 1 && gemv_mode_ != GemvMode::Cublas && cuda::gemv_supported(w.data, w.ld, x.data, k)) {
-      const Choice c = choose(out, x, w);
+    const bool f32 = out.dtype == DType::F32;
+    if (T == 1 && tuner_.mode() != GemvTuner::Mode::Cublas && cuda::gemv_supported(w.data, w.ld, x.data, k)) {
+      const GemvTuner::Choice c = tuner_.choose(
+          n, k, timing_, stream_,
+          [&](void* o, int wpr) {
+            cuda::launch_gemv(w.ptr<bf16>(), w.ld, x.ptr<bf16>(), k, n, o, f32, false, nullptr, wpr, stream_);
+          },
+          [&](void* o) { cublas_gemm(o, f32 ? CUDA_R_32F : CUDA_R_16BF, n, x, w, 1, n, k, 1.0f, 0.0f); });
       if (!c.cublas) {
-        cuda::launch_gemv(w.ptr<bf16>(), w.ld, x.ptr<bf16>(), k, n, out.data, out.dtype == DType::F32, accumulate, b,
-                          c.wpr, stream_);
+        cuda::launch_gemv(w.ptr<bf16>(), w.ld, x.ptr<bf16>(), k, n, out.data, f32, accumulate, b, c.wpr, stream_);
         return;
       }
     }
@@ -305,48 +236,45 @@ class CudaBackend final : public Backend {
 
   void rope(const Tensor& q, const Tensor& k, int64_t head_dim, const Tensor& cos, const Tensor& sin) override {
     check(q.dtype == DType::BF16 && k.dtype == DType::BF16 && cos.dtype == DType::F32 && sin.dtype == DType::F32 &&
-              head_dim % 2 == 0 && q.cols % head_dim == 0 && k.cols % head_dim == 0 && q.rows == k.rows &&
-              cos.cols == head_dim / 2 && sin.ld == cos.ld && pos0_ + q.rows <= cos.rows,
-          "rope: bad shapes");
+              head_dim % 2 == 0 && q.cols % head_dim == 0 && k.cols % head_dim == 0 && q.rows == T_ &&
+              k.rows == T_ && cos.cols == head_dim / 2 && sin.ld == cos.ld && max_pos_ < cos.rows,
+          "rope: bad shapes or a position past the tables");
     cuda::launch_rope(q.ptr<bf16>(), q.ld, q.cols / head_dim, k.ptr<bf16>(), k.ld, k.cols / head_dim, head_dim,
-                      cos.ptr<float>(), sin.ptr<float>(), cos.ld, q.rows, d_params_, stream_);
+                      cos.ptr<float>(), sin.ptr<float>(), cos.ld, q.rows, pass_.device(), stream_);
   }
 
-  void kv_store(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
-                int64_t max_positions) override {
-    const int64_t hd = k_cache.cols;
-    check(k_cache.dtype == DType::BF16 && v_cache.dtype == DType::BF16 && k.dtype == DType::BF16 &&
-              v.dtype == DType::BF16 && k.cols % hd == 0 && v.cols == k.cols && v.rows == k.rows &&
-              v_cache.ld == k_cache.ld && k_cache.rows == (k.cols / hd) * max_positions &&
-              pos0_ + k.rows <= max_positions,
+  void kv_store(const KVLayer& cache, const Tensor& k, const Tensor& v) override {
+    const int64_t hd = cache.k.cols;
+    check_cache(cache, hd, "kv_store");
+    check(k.dtype == DType::BF16 && v.dtype == DType::BF16 && k.cols == cache.kv_heads * hd && v.cols == k.cols &&
+              k.rows == T_ && v.rows == T_,
           "kv_store: bad shapes");
-    cuda::launch_kv_store(k_cache.ptr<bf16>(), v_cache.ptr<bf16>(), k_cache.ld, k.ptr<bf16>(), k.ld, v.ptr<bf16>(), v.ld,
-                          k.cols / hd, hd, max_positions, k.rows, d_params_, stream_);
+    cuda::launch_kv_store(cache.k.ptr<bf16>(), cache.v.ptr<bf16>(), cache.k.ld, k.ptr<bf16>(), k.ld, v.ptr<bf16>(),
+                          v.ld, cache.kv_heads, hd, cache.max_positions, k.rows, pass_.device(), stream_);
   }
 
-  void attention(const Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                 int64_t num_kv_heads, int64_t head_dim, int64_t max_positions) override {
-    check(out.dtype == DType::BF16 && q.dtype == DType::BF16 && k_cache.dtype == DType::BF16 &&
-              v_cache.dtype == DType::BF16 && out.rows == q.rows && out.cols == q.cols && q.cols % head_dim == 0 &&
-              num_kv_heads > 0 && (q.cols / head_dim) % num_kv_heads == 0 && k_cache.ld == v_cache.ld &&
-              pos0_ + q.rows <= max_positions,
+  void attention(const Tensor& out, const Tensor& q, const KVLayer& cache, int64_t head_dim) override {
+    check_cache(cache, head_dim, "attention");
+    check(out.dtype == DType::BF16 && q.dtype == DType::BF16 && out.rows == q.rows && out.cols == q.cols &&
+              q.rows == T_ && q.cols % head_dim == 0 && (q.cols / head_dim) % cache.kv_heads == 0,
           "attention: bad shapes");
     cuda::AttnArgs a{};
     a.q = q.ptr<bf16>();
     a.ldq = q.ld;
-    a.k_cache = k_cache.ptr<bf16>();
-    a.v_cache = v_cache.ptr<bf16>();
-    a.ldkv = k_cache.ld;
+    a.k_cache = cache.k.ptr<bf16>();
+    a.v_cache = cache.v.ptr<bf16>();
+    a.ldkv = cache.k.ld;
     a.out = out.ptr<bf16>();
     a.ldo = out.ld;
     a.T = int(q.rows);
     a.heads = int(q.cols / head_dim);
-    a.kv_heads = int(num_kv_heads);
+    a.kv_heads = int(cache.kv_heads);
     a.group = a.heads / a.kv_heads;
     a.hd = int(head_dim);
-    a.max_pos = int(max_positions);
+    a.max_pos = int(cache.max_positions);
+    a.n_tiles = int(tiles_.size());
     a.scale = 1.0f / std::sqrt(float(head_dim));
-    a.params = d_params_;
+    a.params = pass_.device();
     if (!cuda::attention_layout_supported(a))
       throw std::invalid_argument("cuda backend: attention needs an even head_dim of at most " +
                                   std::to_string(cuda::kAttnMaxHeadDim) + " and 4-byte aligned rows (head_dim " +
@@ -358,28 +286,18 @@ class CudaBackend final : public Backend {
     // Split-KV decode: enough (split × kv head) blocks to cover every multiprocessor once.
     a.n_hb = (a.group + cuda::kDecodeRows - 1) / cuda::kDecodeRows;
     a.min_chunk = cuda::kDecodeMinChunk;
-    a.s_max = int(std::clamp<int64_t>((prop_.multiProcessorCount + int64_t(a.kv_heads) * a.n_hb - 1) /
-                                          (int64_t(a.kv_heads) * a.n_hb),
-                                      1, std::max<int64_t>(1, (max_positions + a.min_chunk - 1) / a.min_chunk)));
-    const size_t part_o = size_t(a.s_max) * a.heads * a.hd, part_ml = size_t(a.s_max) * a.heads * 2,
-                 counters = size_t(a.kv_heads) * a.n_hb;
-    if (part_o > attn_part_o_cap_ || part_ml > attn_part_ml_cap_ || counters > attn_counters_cap_) {
-      ensure_no_capture("attention scratch");
-      free_scratch(attn_part_o_);
-      free_scratch(attn_part_ml_);
-      free_scratch(attn_counters_);
-      attn_part_o_ = device_alloc(part_o * 4, "attention scratch");
-      attn_part_ml_ = device_alloc(part_ml * 4, "attention scratch");
-      attn_counters_ = device_alloc(counters * 4, "attention scratch");
-      // On our stream: cudaMemset would run on the legacy stream, unordered with our non-blocking one.
-      QWEN_CUDA_CHECK(cudaMemsetAsync(attn_counters_, 0, counters * 4, stream_));
-      attn_part_o_cap_ = part_o;
-      attn_part_ml_cap_ = part_ml;
-      attn_counters_cap_ = counters;
-    }
-    a.part_o = static_cast<float*>(attn_part_o_);
-    a.part_ml = static_cast<float*>(attn_part_ml_);
-    a.counters = static_cast<unsigned*>(attn_counters_);
+    const int64_t pairs = int64_t(a.kv_heads) * a.n_hb;  // (kv head, head batch) blocks per split
+    a.s_max = int(std::clamp<int64_t>((prop_.multiProcessorCount + pairs - 1) / pairs, 1,
+                                      std::max<int64_t>(1, (cache.max_positions + a.min_chunk - 1) / a.min_chunk)));
+    const size_t part_o = size_t(a.s_max) * a.heads * a.hd * 4, part_ml = size_t(a.s_max) * a.heads * 2 * 4,
+                 counters = size_t(pairs) * 4;
+    grow(attn_part_o_, part_o, "attention scratch");
+    grow(attn_part_ml_, part_ml, "attention scratch");
+    if (grow(attn_counters_, counters, "attention scratch"))  // zero between launches; the kernel keeps them so
+      QWEN_CUDA_CHECK(cudaMemsetAsync(attn_counters_.p, 0, counters, stream_));
+    a.part_o = attn_part_o_.as<float>();
+    a.part_ml = attn_part_ml_.as<float>();
+    a.counters = attn_counters_.as<unsigned>();
     cuda::launch_attention_decode(a, stream_);
   }
 
@@ -390,83 +308,41 @@ class CudaBackend final : public Backend {
     cuda::launch_silu_mul(out.ptr<bf16>(), out.ld, gate_up.ptr<bf16>(), gate_up.ld, out.cols, out.rows, stream_);
   }
 
-  int32_t argmax(const Tensor& row) override {
-    check(row.dtype == DType::F32 && row.rows == 1 && row.cols >= 1, "argmax: expects an F32 row");
+  void argmax(const Tensor& rows, int32_t* out) override {
+    check(rows.dtype == DType::F32 && rows.rows >= 1 && rows.cols >= 1, "argmax: expects F32 rows");
     QWEN_CUDA_CHECK(cudaSetDevice(dev_));
-    cuda::launch_argmax(row.ptr<float>(), row.cols, am_v_, am_i_, am_counter_, am_result_,
-                        2 * prop_.multiProcessorCount, stream_);
-    QWEN_CUDA_CHECK(cudaMemcpyAsync(h_result_, am_result_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
-    QWEN_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    return *h_result_;
+    for (int64_t r0 = 0; r0 < rows.rows; r0 += cuda::kArgmaxMaxBlocks) {
+      const int64_t m = std::min<int64_t>(cuda::kArgmaxMaxBlocks, rows.rows - r0);
+      const int blocks = int(std::max<int64_t>(1, 2 * prop_.multiProcessorCount / m));
+      cuda::launch_argmax(rows.row<float>(r0), rows.ld, rows.cols, m, am_v_, am_i_, am_counters_, am_result_, blocks,
+                          stream_);
+      QWEN_CUDA_CHECK(cudaMemcpyAsync(am_host_.as<int32_t>(), am_result_, size_t(m) * 4, cudaMemcpyDeviceToHost,
+                                      stream_));
+      QWEN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      std::copy(am_host_.as<int32_t>(), am_host_.as<int32_t>() + m, out + r0);
+    }
   }
 
  private:
-  struct Choice {
-    bool cublas = false;
-    int wpr = 1;
-    float gemv_us = 0, cublas_us = 0;
-  };
-
-  void* device_alloc(size_t bytes, const char* what) {
-    void* p = nullptr;
-    const cudaError_t err = cudaMalloc(&p, std::max<size_t>(bytes, 256));
-    if (err != cudaSuccess) {
-      cudaGetLastError();
-      size_t free_b = 0, total_b = 0;
-      cudaMemGetInfo(&free_b, &total_b);
-      throw std::runtime_error(std::string("out of GPU memory on cuda:") + std::to_string(dev_) + " allocating " +
-                               mib(int64_t(bytes)) + " for " + what + " (" + cudaGetErrorString(err) + "; " +
-                               mib(int64_t(allocated_)) + " already allocated by this model, " +
-                               mib(int64_t(free_b)) + " free of " + mib(int64_t(total_b)) + ")");
-    }
-    allocs_.push_back(p);
-    allocated_ += bytes;
-    return p;
+  // The slots and positions of this pass fit `cache`, whose rows are head_dim wide.
+  void check_cache(const KVLayer& c, int64_t head_dim, const char* op) const {
+    check(c.k.dtype == DType::BF16 && c.v.dtype == DType::BF16 && c.k.cols == head_dim && c.v.cols == head_dim &&
+              c.v.ld == c.k.ld && c.v.rows == c.k.rows && c.kv_heads > 0 && c.max_positions > 0 &&
+              c.k.rows % (c.kv_heads * c.max_positions) == 0,
+          std::string(op) + ": bad KV cache shapes");
+    check(max_slot_ < c.k.rows / (c.kv_heads * c.max_positions) && max_pos_ < c.max_positions,
+          std::string(op) + ": a row's slot or position is outside the KV cache");
   }
 
-  void free_scratch(void*& p) {
-    if (!p) return;
-    QWEN_CUDA_CHECK(cudaStreamSynchronize(stream_));  // no pending kernel still reads it
-    auto it = std::find(allocs_.begin(), allocs_.end(), p);
-    if (it != allocs_.end()) allocs_.erase(it);
-    QWEN_CUDA_CHECK(cudaFree(p));
-    p = nullptr;
-    invalidate_graph();  // the recorded graph may point at the old buffer
-  }
-
-  void ensure_no_capture(const char* what) {
-    if (capturing_)
-      throw std::logic_error(std::string("cuda backend: ") + what + " would be allocated while recording a CUDA graph");
-  }
-
-  void invalidate_graph() {
-    if (graph_exec_) {
-      cudaGraphExecDestroy(graph_exec_);
-      graph_exec_ = nullptr;
-    }
-  }
-
-  // Pass state: StepParams + ids, on the device and in pinned host memory for the copy.
-  void grow_params(int64_t T) {
-    ensure_no_capture("the token id buffer");
-    const int64_t cap = std::max<int64_t>(T, 2 * ids_cap_);
-    if (d_params_) {
-      void* old = d_params_;
-      free_scratch(old);
-      d_params_ = nullptr;
-    }
-    if (h_params_) {
-      QWEN_CUDA_CHECK(cudaEventSynchronize(params_copied_));
-      QWEN_CUDA_CHECK(cudaFreeHost(h_params_));
-      h_params_ = nullptr;
-    }
-    const size_t bytes = sizeof(StepParams) + size_t(cap) * 4;
-    d_params_ = static_cast<StepParams*>(device_alloc(bytes, "token ids"));
-    void* h = nullptr;
-    QWEN_CUDA_CHECK(cudaMallocHost(&h, bytes));
-    h_params_ = static_cast<StepParams*>(h);
-    ids_cap_ = cap;
-    invalidate_graph();
+  // Grows a scratch buffer (never while recording a graph); true when it moved, after dropping the recorded graph
+  // that may point at the old buffer.
+  bool grow(Scratch& s, size_t bytes, const char* what) {
+    if (s.p && bytes <= s.bytes) return false;
+    if (graph_.capturing())
+      throw CudaError(std::string("cuda backend: ") + what + " would be allocated while recording a CUDA graph");
+    s.ensure(mem_, bytes, what, stream_);
+    graph_.invalidate();
+    return true;
   }
 
   // out (T, n) = x (T, k) · w (n, k)ᵀ through cuBLAS. Row-major (T, n) is column-major (n, T): C = Wᵀ·X with
@@ -486,15 +362,9 @@ class CudaBackend final : public Backend {
     }
     // bf16 out with an f32 bias (the fused qkv projection): f32 GEMM into scratch, then bias + rounding in one
     // pass, so the bias is added before the only rounding, as on the CPU.
-    const size_t need = size_t(T * n);
-    if (need > gemm_scratch_cap_) {
-      ensure_no_capture("GEMM scratch");
-      free_scratch(gemm_scratch_);
-      gemm_scratch_ = device_alloc(need * 4, "GEMM scratch");
-      gemm_scratch_cap_ = need;
-    }
-    cublas_gemm(gemm_scratch_, CUDA_R_32F, n, x, w, T, n, k, alpha, 0.0f);
-    cuda::launch_add_bias(out.data, false, out.ld, static_cast<const float*>(gemm_scratch_), n, bias, n, T, stream_);
+    grow(gemm_scratch_, size_t(T * n) * 4, "GEMM scratch");
+    cublas_gemm(gemm_scratch_.p, CUDA_R_32F, n, x, w, T, n, k, alpha, 0.0f);
+    cuda::launch_add_bias(out.data, false, out.ld, gemm_scratch_.as<const float>(), n, bias, n, T, stream_);
   }
 
   void cublas_gemm(void* c, cudaDataType_t ctype, int64_t ldc, const Tensor& x, const Tensor& w, int64_t T, int64_t n,
@@ -504,145 +374,35 @@ class CudaBackend final : public Backend {
                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
-  // --- GEMV or cuBLAS for one-token matmuls --------------------------------------------------------------------
-  Choice choose(const Tensor& out, const Tensor& x, const Tensor& w) {
-    const std::pair<int64_t, int64_t> key{w.rows, w.cols};
-    auto it = choices_.find(key);
-    if (it != choices_.end()) return it->second;
-    Choice c;
-    c.wpr = cuda::gemv_default_warps(w.rows, w.cols, prop_.multiProcessorCount);
-    if (gemv_mode_ == GemvMode::Auto && tuning_) {
-      c = tune(out, x, w);
-      choices_[key] = c;
-    } else if (gemv_mode_ == GemvMode::Gemv) {
-      choices_[key] = c;
-    }
-    return c;  // outside the timed first step and not forced: the GEMV with the default split
-  }
-
-  // Times the GEMV at every useful split and cuBLAS on this shape, each as a CUDA graph of back-to-back launches
-  // (as they will run), into scratch so the real output is untouched.
-  Choice tune(const Tensor& out, const Tensor& x, const Tensor& w) {
-    const int64_t n = w.rows, k = w.cols;
-    if (size_t(n) > tune_cap_) {
-      free_scratch(tune_out_);
-      tune_out_ = device_alloc(size_t(n) * 4, "GEMV timing scratch");
-      QWEN_CUDA_CHECK(cudaMemsetAsync(tune_out_, 0, size_t(n) * 4, stream_));
-      tune_cap_ = size_t(n);
-    }
-    const bool f32 = out.dtype == DType::F32;
-    const double bytes = double(n) * double(k) * 2;
-    const int reps = int(std::clamp(2.0e8 / bytes, 1.0, double(QWEN_CUDA_TUNE_MAX_REPS)));
-    Choice c;
-    float best = 1e30f;
-    for (int wpr = 1; wpr <= 8; wpr *= 2) {
-      if (wpr > 1 && k / 8 < int64_t(wpr) * 32) break;  // fewer than one 16-byte chunk per lane
-      const float us = time_us(reps, [&] {
-        cuda::launch_gemv(w.ptr<bf16>(), w.ld, x.ptr<bf16>(), k, n, tune_out_, f32, false, nullptr, wpr, stream_);
-      });
-      if (us < best) {
-        best = us;
-        c.wpr = wpr;
-      }
-    }
-    c.gemv_us = best;
-    c.cublas_us = time_us(reps, [&] {
-      cublas_gemm(tune_out_, f32 ? CUDA_R_32F : CUDA_R_16BF, n, x, w, 1, n, k, 1.0f, 0.0f);
-    });
-    c.cublas = c.cublas_us < c.gemv_us;
-    return c;
-  }
-
-  float time_us(int reps, const std::function<void()>& launch) {
-    cudaGraph_t graph = nullptr;
-    QWEN_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    try {
-      for (int r = 0; r < reps; ++r) launch();
-    } catch (...) {
-      cudaStreamEndCapture(stream_, &graph);
-      if (graph) cudaGraphDestroy(graph);
-      cudaGetLastError();
-      throw;
-    }
-    QWEN_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-    cudaGraphExec_t exec = nullptr;
-    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
-    cudaGraphDestroy(graph);
-    QWEN_CUDA_CHECK(err);
-    float ms = 0;
-    try {
-      QWEN_CUDA_CHECK(cudaGraphLaunch(exec, stream_));  // warm-up
-      QWEN_CUDA_CHECK(cudaEventRecord(t0_, stream_));
-      constexpr int kLaunches = QWEN_CUDA_TUNE_LAUNCHES;
-      for (int i = 0; i < kLaunches; ++i) QWEN_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
-      QWEN_CUDA_CHECK(cudaEventRecord(t1_, stream_));
-      QWEN_CUDA_CHECK(cudaEventSynchronize(t1_));
-      QWEN_CUDA_CHECK(cudaEventElapsedTime(&ms, t0_, t1_));
-      ms /= float(kLaunches);
-    } catch (...) {
-      cudaGraphExecDestroy(exec);
-      throw;
-    }
-    cudaGraphExecDestroy(exec);
-    return ms * 1000.0f / float(reps);
-  }
-
+  // The stream and the cuBLAS handle; the members free everything else.
   void release() noexcept {
-    if (dev_ >= 0) cudaSetDevice(dev_);
+    cudaSetDevice(dev_);
     if (stream_) cudaStreamSynchronize(stream_);
-    if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
-    graph_exec_ = nullptr;
     if (blas_) cublasDestroy(blas_);
     blas_ = nullptr;
-    for (void* p : allocs_) cudaFree(p);
-    allocs_.clear();
-    if (h_params_) cudaFreeHost(h_params_);
-    h_params_ = nullptr;
-    if (h_result_) cudaFreeHost(h_result_);
-    h_result_ = nullptr;
-    if (params_copied_) cudaEventDestroy(params_copied_);
-    if (t0_) cudaEventDestroy(t0_);
-    if (t1_) cudaEventDestroy(t1_);
-    params_copied_ = t0_ = t1_ = nullptr;
     if (stream_) cudaStreamDestroy(stream_);
     stream_ = nullptr;
-    cudaGetLastError();  // nothing sticky left behind for the next model
   }
 
   int dev_;
-  cudaDeviceProp prop_{};
-  bool use_graph_ = true;
-  GemvMode gemv_mode_ = GemvMode::Auto;
+  cudaDeviceProp prop_;
+  cuda::DeviceMemory mem_;  // first: freed after every member that allocated from it
+  cuda::PassParams pass_;
+  GemvTuner tuner_;
+  cuda::DecodeGraph graph_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
-  void* blas_ws_ = nullptr;
-  cudaEvent_t params_copied_ = nullptr, t0_ = nullptr, t1_ = nullptr;
-  std::vector<void*> allocs_;
-  size_t allocated_ = 0;
 
-  StepParams* d_params_ = nullptr;
-  StepParams* h_params_ = nullptr;
-  int64_t ids_cap_ = 0;
-  int64_t T_ = 0, pos0_ = 0;
+  int64_t T_ = 0, max_slot_ = 0, max_pos_ = 0;  // of the current pass
+  std::vector<cuda::AttnTile> tiles_;           // of the current pass (prefill attention)
+  bool warmed_up_ = false, timing_ = false;
 
-  bool tuned_ = false, tuning_ = false, capturing_ = false;
-  cudaGraphExec_t graph_exec_ = nullptr;
-  std::map<std::pair<int64_t, int64_t>, Choice> choices_;
-
-  void* gemm_scratch_ = nullptr;
-  size_t gemm_scratch_cap_ = 0;
-  void* tune_out_ = nullptr;
-  size_t tune_cap_ = 0;
-  void* attn_part_o_ = nullptr;
-  void* attn_part_ml_ = nullptr;
-  void* attn_counters_ = nullptr;
-  size_t attn_part_o_cap_ = 0, attn_part_ml_cap_ = 0, attn_counters_cap_ = 0;
-
+  Scratch gemm_scratch_, attn_part_o_, attn_part_ml_, attn_counters_;
   float* am_v_ = nullptr;
   int32_t* am_i_ = nullptr;
-  unsigned* am_counter_ = nullptr;
+  unsigned* am_counters_ = nullptr;
   int32_t* am_result_ = nullptr;
-  int32_t* h_result_ = nullptr;
+  cuda::PinnedBuffer am_host_;
 };
 
 }  // namespace

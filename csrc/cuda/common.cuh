@@ -15,9 +15,15 @@ namespace cuda {
 
 using bf16 = __nv_bfloat16;
 
+// A failure of the CUDA runtime or cuBLAS. Its own type so that a graph capture can tell a CUDA failure (fall back to
+// eager steps) from an interruption passing through; bindings.cpp sees a std::runtime_error.
+struct CudaError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 [[noreturn]] inline void throw_cuda(cudaError_t e, const char* what, const char* file, int line) {
-  throw std::runtime_error(std::string("CUDA error ") + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) +
-                           ") in " + what + " at " + file + ":" + std::to_string(line));
+  throw CudaError(std::string("CUDA error ") + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ") in " + what +
+                  " at " + file + ":" + std::to_string(line));
 }
 
 }  // namespace cuda
@@ -35,17 +41,28 @@ using bf16 = __nv_bfloat16;
 namespace qwen {
 namespace cuda {
 
-// State of the current forward pass in device memory, written by begin_forward with one small host→device copy.
-// Kernels read the position (and the token ids) from here, never from launch arguments, so a decode step
-// captured once in a CUDA graph stays correct when it is replayed at later positions.
+// The rows of the current forward pass in device memory, written by begin_forward with one host→device copy: this
+// header, then one StepRow per row, then the prefill attention's tiles. Kernels read token ids, slots and positions
+// from here, never from launch arguments, so a one-row step captured once in a CUDA graph stays correct when it is
+// replayed for another slot or position.
 struct StepParams {
-  int32_t pos0;  // cache position of the pass's first token
-  int32_t T;     // tokens in the pass
-  int32_t pad[2];
-  // int32_t ids[T] follows (StepParams is 16 bytes, so the ids stay 16-byte aligned)
+  int32_t T;        // rows in the pass
+  int32_t n_tiles;  // prefill attention tiles after the rows
+  int32_t pad[2];   // 16 bytes: what follows stays 16-byte aligned
 };
-__host__ __device__ inline const int32_t* step_ids(const StepParams* p) {
-  return reinterpret_cast<const int32_t*>(p + 1);
+struct StepRow {
+  int32_t id, slot, pos, pad;
+};
+// A tile of the causal prefill attention: `rows` (at most 16) consecutive rows of one run, the first being row `row`
+// of the pass, in KV-cache slot `slot` at positions pos, pos + 1, ...
+struct AttnTile {
+  int32_t row, rows, slot, pos;
+};
+__host__ __device__ inline const StepRow* step_rows(const StepParams* p) {
+  return reinterpret_cast<const StepRow*>(p + 1);
+}
+__host__ __device__ inline const AttnTile* step_tiles(const StepParams* p) {
+  return reinterpret_cast<const AttnTile*>(step_rows(p) + p->T);
 }
 
 // bf16 widening is exact (bf16 is the top half of an f32); narrowing rounds to nearest even.

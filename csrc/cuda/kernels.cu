@@ -33,7 +33,7 @@ __device__ float block_sum(float v) {
 __global__ void embed_kernel(float* __restrict__ out, int64_t ldo, const bf16* __restrict__ table, int64_t ldt,
                              int H, const StepParams* __restrict__ params) {
   const int t = blockIdx.x;
-  const int id = step_ids(params)[t];
+  const int id = step_rows(params)[t].id;
   const bf16* row = table + int64_t(id) * ldt;
   float* o = out + int64_t(t) * ldo;
   for (int i = threadIdx.x; i < H; i += blockDim.x) o[i] = to_f32(row[i]);
@@ -58,7 +58,7 @@ __global__ void rope_kernel(bf16* __restrict__ q, int64_t ldq, int q_heads, bf16
                             int k_heads, int hd, const float* __restrict__ cos, const float* __restrict__ sin,
                             int64_t ldcs, const StepParams* __restrict__ params) {
   const int t = blockIdx.x, half = hd / 2;
-  const int64_t pos = int64_t(params->pos0) + t;
+  const int64_t pos = step_rows(params)[t].pos;
   const float* c = cos + pos * ldcs;
   const float* s = sin + pos * ldcs;
   const int total = (q_heads + k_heads) * half;
@@ -77,11 +77,11 @@ __global__ void kv_store_kernel(bf16* __restrict__ kc, bf16* __restrict__ vc, in
                                 int64_t ldk, const bf16* __restrict__ v, int64_t ldv, int kv_heads, int hd,
                                 int64_t max_pos, const StepParams* __restrict__ params) {
   const int t = blockIdx.x;
-  const int64_t pos = int64_t(params->pos0) + t;
+  const StepRow r = step_rows(params)[t];
   const int total = kv_heads * hd;
   for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
     const int g = idx / hd, d = idx - g * hd;
-    const int64_t row = int64_t(g) * max_pos + pos;
+    const int64_t row = (int64_t(r.slot) * kv_heads + g) * max_pos + r.pos;
     kc[row * ldc + d] = k[int64_t(t) * ldk + idx];
     vc[row * ldc + d] = v[int64_t(t) * ldv + idx];
   }
@@ -140,8 +140,13 @@ __device__ void block_argmax(float& v, int& i) {
   __syncthreads();  // sv/si may be reused by a second call
 }
 
-__global__ void argmax_kernel(const float* __restrict__ x, int n, float* part_v, int* part_i, unsigned* counter,
-                              int* result) {
+// Row blockIdx.y of x; its blocks' partials at part_v/part_i[blockIdx.y * gridDim.x + blockIdx.x].
+__global__ void argmax_kernel(const float* __restrict__ x, int64_t ldx, int n, float* part_v, int* part_i,
+                              unsigned* counters, int* result) {
+  x += int64_t(blockIdx.y) * ldx;
+  part_v += blockIdx.y * gridDim.x;
+  part_i += blockIdx.y * gridDim.x;
+  unsigned* counter = counters + blockIdx.y;
   float bv = -INFINITY;
   int bi = INT_MAX;
   // Each thread walks its indices upwards, so a strict '>' keeps the first of equal values.
@@ -169,7 +174,7 @@ __global__ void argmax_kernel(const float* __restrict__ x, int n, float* part_v,
   }
   block_argmax(bv, bi);
   if (threadIdx.x == 0) {
-    *result = bi == INT_MAX ? 0 : bi;  // all NaN: 0
+    result[blockIdx.y] = bi == INT_MAX ? 0 : bi;  // all NaN: 0
     *counter = 0u;                     // ready for the next launch
   }
 }
@@ -221,11 +226,13 @@ void launch_add_bias(void* out, bool out_f32, int64_t ldo, const float* src, int
   QWEN_CUDA_LAUNCHED();
 }
 
-void launch_argmax(const float* x, int64_t n, float* part_v, int32_t* part_i, unsigned* counter, int32_t* result,
-                   int blocks, cudaStream_t stream) {
+void launch_argmax(const float* x, int64_t ldx, int64_t n, int64_t rows, float* part_v, int32_t* part_i,
+                   unsigned* counters, int32_t* result, int blocks, cudaStream_t stream) {
+  if (rows < 1 || rows > kArgmaxMaxBlocks) throw std::invalid_argument("argmax: 1 to kArgmaxMaxBlocks rows at a time");
   const int64_t useful = (n + kThreads - 1) / kThreads;
-  blocks = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(blocks), useful, int64_t(kArgmaxMaxBlocks)})));
-  argmax_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(x, int(n), part_v, part_i, counter, result);
+  blocks = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(blocks), useful, kArgmaxMaxBlocks / rows})));
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(rows));
+  argmax_kernel<<<grid, kThreads, 0, stream>>>(x, ldx, int(n), part_v, part_i, counters, result);
   QWEN_CUDA_LAUNCHED();
 }
 

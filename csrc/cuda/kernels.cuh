@@ -1,14 +1,16 @@
 // Launchers of the CUDA backend's own kernels (kernels.cu, gemv.cu, attention.cu). Each takes raw device pointers,
-// row strides in elements, and the stream; each checks its launch (QWEN_CUDA_LAUNCHED). Positions and token ids
-// are read on the device from StepParams, so every launcher is safe to record in a CUDA graph.
+// row strides in elements, and the stream; each checks its launch (QWEN_CUDA_LAUNCHED). Token ids, slots and
+// positions are read on the device from StepParams, so every launcher is safe to record in a CUDA graph.
 #pragma once
+
+#include <vector>
 
 #include "cuda/common.cuh"
 
 namespace qwen {
 namespace cuda {
 
-// out F32 (T, H) = table[ids[t]]                                    table bf16 (vocab, H)
+// out F32 (T, H) = table[id of row t]                              table bf16 (vocab, H)
 void launch_embed(float* out, int64_t ldo, const bf16* table, int64_t ldt, int64_t H, int64_t T,
                   const StepParams* params, cudaStream_t stream);
 
@@ -16,13 +18,13 @@ void launch_embed(float* out, int64_t ldo, const bf16* table, int64_t ldt, int64
 void launch_rmsnorm(void* out, bool out_f32, int64_t ldo, const float* x, int64_t ldx, const float* w, int64_t n,
                     int64_t rows, float eps, cudaStream_t stream);
 
-// Rotate-half RoPE in place on q (T, q_heads·hd) and k (T, k_heads·hd), bf16; token t at position pos0 + t; cos,
-// sin F32 (max_positions, hd/2) with row stride ldcs. Angles come from the float32 tables, the rotation in f32.
+// Rotate-half RoPE in place on q (T, q_heads·hd) and k (T, k_heads·hd), bf16; row t at its position; cos, sin
+// F32 (max_positions, hd/2) with row stride ldcs. Angles come from the float32 tables, the rotation in f32.
 void launch_rope(bf16* q, int64_t ldq, int64_t q_heads, bf16* k, int64_t ldk, int64_t k_heads, int64_t hd,
                  const float* cos, const float* sin, int64_t ldcs, int64_t T, const StepParams* params,
                  cudaStream_t stream);
 
-// Cache rows g·max_pos + pos0 + t ← k, v (T, kv_heads·hd) bf16.
+// Cache rows (slot · kv_heads + g) · max_pos + pos of row t ← k, v (T, kv_heads·hd) bf16.
 void launch_kv_store(bf16* k_cache, bf16* v_cache, int64_t ldc, const bf16* k, int64_t ldk, const bf16* v,
                      int64_t ldv, int64_t kv_heads, int64_t hd, int64_t max_pos, int64_t T,
                      const StepParams* params, cudaStream_t stream);
@@ -35,11 +37,12 @@ void launch_silu_mul(bf16* out, int64_t ldo, const bf16* gate_up, int64_t ldg, i
 void launch_add_bias(void* out, bool out_f32, int64_t ldo, const float* src, int64_t lds, const float* bias,
                      int64_t n, int64_t T, cudaStream_t stream);
 
-// *result = argmax of x (n floats), lowest index on ties, NaN never wins. Multi-block; the last block to finish
-// reduces the per-block partials (kArgmaxMaxBlocks of them at most) and resets *counter to 0.
+// result[r] = argmax of row r of x (rows × n floats, row stride ldx), lowest index on ties, NaN never wins. Each
+// row takes `blocks` blocks; the last of a row's blocks to finish reduces their partials and resets counters[r] to
+// 0. part_v, part_i hold kArgmaxMaxBlocks entries, counters and result `rows`: blocks · rows <= kArgmaxMaxBlocks.
 constexpr int kArgmaxMaxBlocks = 1024;
-void launch_argmax(const float* x, int64_t n, float* part_v, int32_t* part_i, unsigned* counter, int32_t* result,
-                   int blocks, cudaStream_t stream);
+void launch_argmax(const float* x, int64_t ldx, int64_t n, int64_t rows, float* part_v, int32_t* part_i,
+                   unsigned* counters, int32_t* result, int blocks, cudaStream_t stream);
 
 // --- GEMV (one token): out (n) = W (n, k) · x (k) + bias, bf16 in, f32 accumulation --------------------------------
 // Rows of W are read with 16-byte loads, so k and ldw must be multiples of 8 and W, x 16-byte aligned
@@ -55,12 +58,13 @@ int gemv_default_warps(int64_t n, int64_t k, int sms);
 struct AttnArgs {
   const bf16* q;          // (T, heads·hd), row stride ldq
   int64_t ldq;
-  const bf16* k_cache;    // (kv_heads·max_pos, hd), row stride ldkv
+  const bf16* k_cache;    // (slots·kv_heads·max_pos, hd), row stride ldkv: [slot][kv head][position]
   const bf16* v_cache;
   int64_t ldkv;
   bf16* out;              // (T, heads·hd), row stride ldo
   int64_t ldo;
   int T, heads, kv_heads, group, hd, max_pos;
+  int n_tiles;            // prefill only: tiles in StepParams
   float scale;
   const StepParams* params;
   // split-KV decode only
@@ -76,11 +80,14 @@ constexpr int kDecodeRows = 8;
 #define QWEN_CUDA_DECODE_MIN_CHUNK 64
 #endif
 constexpr int kDecodeMinChunk = QWEN_CUDA_DECODE_MIN_CHUNK;  // keys per split at least: short contexts, few splits
-// Causal prefill: query tiles of 16 tokens × one head per block, K/V in 32-key shared-memory tiles, online
-// softmax in f32; nothing of size T×T is ever stored.
+// Causal prefill, any rows: one block per (tile, query head), a tile being up to 16 rows of one run (one slot,
+// consecutive positions); K/V in 32-key shared-memory tiles, online softmax in f32; nothing of size T×T is stored.
 void launch_attention_prefill(const AttnArgs& a, cudaStream_t stream);
-// Single query (T = 1): split-KV flash-decoding. Blocks (split, kv head, head batch) each cover a slice of the
-// cache for all query heads of their kv head; the last block of a kv head to finish merges the slices.
+// The tiles of a pass (host side; begin_forward copies them with the rows), the ones that see the most keys first.
+void attention_tiles(const int32_t* slots, const int32_t* positions, int64_t T, std::vector<AttnTile>& tiles);
+// One row (T = 1), its slot and position read on the device: split-KV flash-decoding. Blocks (split, kv head, head
+// batch) each cover a slice of the slot's cache for all query heads of their kv head; the last block of a kv head
+// to finish merges the slices.
 void launch_attention_decode(const AttnArgs& a, cudaStream_t stream);
 bool attention_layout_supported(const AttnArgs& a);
 

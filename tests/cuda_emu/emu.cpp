@@ -12,6 +12,11 @@
 // Streams are synchronous. Between cudaStreamBeginCapture and cudaStreamEndCapture, kernel launches and cuBLAS
 // calls are recorded (arguments by value, as a CUDA graph bakes them) and calls that real CUDA refuses during a
 // capture (allocation, synchronous copies, synchronisation) fail with cudaErrorStreamCaptureUnsupported.
+//
+// Test hooks (C symbols of the built module, for ctypes): qwen_cuda_emu_graph_launches() counts graph replays;
+// qwen_cuda_emu_fail_once(call) makes the next `call` fail once, as a GPU may: "cudaStreamBeginCapture",
+// "cudaStreamEndCapture" (the capture ends, no graph), "cudaGraphInstantiate", or "launch" (the next kernel launch
+// inside a capture fails and invalidates the capture).
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -21,6 +26,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "cublas_v2.h"
@@ -74,10 +80,19 @@ void wait(int kind) {
 }
 
 bool capture_on = false;
+bool capture_invalidated = false;  // a call failed during the capture: ending it fails
 std::vector<std::function<void()>>* capture_ops = nullptr;
 cudaError_t last_error = cudaSuccess;
+std::string fail_next;  // qwen_cuda_emu_fail_once
 
 }  // namespace
+
+// True (once) when `call` is the one qwen_cuda_emu_fail_once named.
+bool injected_failure(const char* call) {
+  if (fail_next != call) return false;
+  fail_next.clear();
+  return true;
+}
 
 cudaError_t fail(cudaError_t e) {
   last_error = e;
@@ -85,8 +100,16 @@ cudaError_t fail(cudaError_t e) {
 }
 void set_capture(bool on) {
   capture_on = on;
+  capture_invalidated = false;
   if (on) capture_ops = new std::vector<std::function<void()>>();
 }
+bool refuse_launch() {
+  if (!capture_on || !injected_failure("launch")) return false;
+  capture_invalidated = true;
+  fail(cudaErrorStreamCaptureInvalidated);
+  return true;
+}
+bool capture_failed() { return capture_invalidated; }
 std::vector<std::function<void()>> take_capture() {
   std::vector<std::function<void()>> ops = std::move(*capture_ops);
   delete capture_ops;
@@ -238,8 +261,10 @@ cudaError_t copy_checked(void* dst, const void* src, size_t n, cudaMemcpyKind ki
 
 }  // namespace
 
-extern "C" long qwen_cuda_emu_graph_launches() { return graph_launches; }
-extern "C" long qwen_cuda_emu_device_bytes() { return long(device_bytes); }
+#define QWEN_EMU_EXPORT extern "C" __attribute__((visibility("default")))
+QWEN_EMU_EXPORT long qwen_cuda_emu_graph_launches() { return graph_launches; }
+QWEN_EMU_EXPORT long qwen_cuda_emu_device_bytes() { return long(device_bytes); }
+QWEN_EMU_EXPORT void qwen_cuda_emu_fail_once(const char* call) { emu::fail_next = call ? call : ""; }
 
 const char* cudaGetErrorName(cudaError_t e) {
   switch (e) {
@@ -249,6 +274,8 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
     case cudaErrorNotPermitted: return "cudaErrorNotPermitted";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
     default: return "cudaErrorUnknown";
   }
 }
@@ -260,6 +287,8 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorNotPermitted: return "emulator: legacy-stream cudaMemset/cudaMemcpy are unordered with the backend's stream";
+    case cudaErrorNotSupported: return "operation not supported (injected by the emulator)";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
     default: return "emulated error";
   }
 }
@@ -368,15 +397,22 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
 }
 cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode) {
   if (emu::capturing()) return emu::fail(cudaErrorInvalidValue);
+  if (emu::injected_failure("cudaStreamBeginCapture")) return emu::fail(cudaErrorNotSupported);
   emu::set_capture(true);
   return cudaSuccess;
 }
 cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t* g) {
+  *g = nullptr;
   if (!emu::capturing()) return emu::fail(cudaErrorInvalidValue);
-  *g = new CUgraph_st{emu::take_capture()};
+  const bool failed = emu::capture_failed() || emu::injected_failure("cudaStreamEndCapture");
+  auto ops = emu::take_capture();  // the capture ends either way
+  if (failed) return emu::fail(cudaErrorStreamCaptureInvalidated);
+  *g = new CUgraph_st{std::move(ops)};
   return cudaSuccess;
 }
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long) {
+  *e = nullptr;
+  if (emu::injected_failure("cudaGraphInstantiate")) return emu::fail(cudaErrorNotSupported);
   *e = new CUgraphExec_st{g->ops};
   return cudaSuccess;
 }

@@ -34,6 +34,7 @@ unsigned char* dynamic_smem();
 void launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body);
 bool capturing();
 void record(std::function<void()> op);
+bool refuse_launch();  // a failure injected by qwen_cuda_emu_fail_once("launch")
 }  // namespace emu
 
 #define threadIdx (::emu::thread_idx)
@@ -62,6 +63,7 @@ template <class... P, class... A>
 void emu_launch(dim3 grid, dim3 block, size_t smem, void* /*stream*/, void (*kernel)(P...), A&&... args) {
   std::function<void()> body = [=] { kernel(args...); };
   std::function<void()> op = [=] { emu::launch(grid, block, smem, body); };
+  if (emu::refuse_launch()) return;
   if (emu::capturing()) emu::record(op); else op();
 }
 
@@ -70,6 +72,7 @@ enum cudaError_t {
   cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorNoDevice = 100,
   cudaErrorInvalidConfiguration = 9, cudaErrorStreamCaptureUnsupported = 900, cudaErrorStreamCaptureInvalidated = 901,
   cudaErrorLaunchOutOfResources = 701, cudaErrorIllegalAddress = 700, cudaErrorNotPermitted = 800,
+  cudaErrorNotSupported = 801,
 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2, cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4 };
 enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal = 0, cudaStreamCaptureModeThreadLocal = 1, cudaStreamCaptureModeRelaxed = 2 };
