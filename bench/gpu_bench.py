@@ -4,6 +4,9 @@ full side-by-side harness; this one needs nothing but numpy, and adds the CUDA-s
     python bench/gpu_bench.py --make-qwen15b DIR          # random-weights checkpoint with Qwen2.5-1.5B's exact config
     python bench/gpu_bench.py --model DIR [--json OUT]    # ours in several modes, then peers in their own processes
 
+OUT is rewritten after every engine ("complete": false until the last), so a run stopped by a time limit keeps
+every engine that finished.
+
 Ours, per mode (default; CUDA graph off; one-token matmuls forced to our GEMV; forced to cuBLAS): load time,
 TTFT for a 32-token prompt (ids in → first greedy token out), decode tok/s for 128 greedy tokens through
 decode_argmax (4 bytes back per token), prefill tok/s for 512 tokens, device memory, achieved GB/s (bf16 weight
@@ -15,7 +18,6 @@ the same ids, greedy with its KV cache. Medians over --repeats.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -190,17 +192,20 @@ def load_core():
     return mod
 
 
-def table_of(model_dir: str):
+def core_inputs(model_dir: str):
+    """(the resolved config _core.Model takes, the tensor table), through qwen_native's own resolution: hub.resolve,
+    or for a weights-only checkpoint such as --make-qwen15b's (no tokenizer.json, which resolve needs) the shard
+    lookup resolve uses."""
+    from qwen_native import hub
     from qwen_native.checkpoint import tensor_table
+    from qwen_native.config import load_config
 
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        paths = [os.path.join(model_dir, p) for p in files]
+    if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        files = hub.resolve(model_dir)
+        config, weights = files.config, files.weights
     else:
-        paths = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    return tensor_table(paths)
+        config, weights = os.path.join(model_dir, "config.json"), hub.local_weights(model_dir)
+    return load_config(config).to_core_dict(), tensor_table(list(weights))
 
 
 def bench_ours(model_dir: str, mode: str, env: Dict[str, str], n_prompt: int, n_short: int, n_gen: int,
@@ -209,9 +214,7 @@ def bench_ours(model_dir: str, mode: str, env: Dict[str, str], n_prompt: int, n_
         os.environ.pop(k, None)
     os.environ.update(env)
     core = load_core()
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    table = table_of(model_dir)
+    cfg, table = core_inputs(model_dir)
     short, long_ = prompt_ids(cfg, n_short, 1), prompt_ids(cfg, n_prompt, 2)
     ctx = max(n_prompt, n_short + n_gen + 8) + 64
     t = time.perf_counter()
@@ -256,8 +259,7 @@ def bench_transformers(model_dir: str, attn: str, n_prompt: int, n_short: int, n
     import torch
     import transformers
 
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
+    cfg, _ = core_inputs(model_dir)
     short = torch.tensor([prompt_ids(cfg, n_short, 1)], device="cuda")
     long_ = torch.tensor([prompt_ids(cfg, n_prompt, 2)], device="cuda")
     t = time.perf_counter()
@@ -357,6 +359,40 @@ def run_worker(args, name: str, timeout: int) -> Dict[str, Any]:
     return {"engine": name, "error": f"exit {p.returncode}: {(p.stdout + p.stderr)[-500:]}"}
 
 
+def summarize(args, cfg: Dict[str, Any], rows: List[Dict[str, Any]], bw: Dict[str, Any], complete: bool):
+    """The result document: rows with their derived figures (roofline once the copy bandwidth is known)."""
+    gb_tok = weight_bytes_per_token(cfg) / 1e9
+    copy_gbps = bw.get("copy_GBps")
+    ref = next((r.get("tokens") for r in rows if r.get("mode") == "default" and r.get("tokens")), None)
+    for r in rows:
+        if "decode_tok_s" in r:
+            r["GB_per_token"] = gb_tok
+            r["achieved_GBps"] = gb_tok * r["decode_tok_s"]
+            if copy_gbps:
+                r["roofline_tok_s"] = copy_gbps / gb_tok
+                r["pct_roofline"] = 100 * r["decode_tok_s"] / r["roofline_tok_s"]
+        if ref and r.get("tokens"):
+            same = 0
+            for a, b in zip(ref, r["tokens"]):
+                if a != b:
+                    break
+                same += 1
+            r["same_greedy_as_default"] = same
+    return {"model": args.model, "config": cfg, "bandwidth": bw, "rows": rows, "complete": complete,
+            "shapes": {"prompt": args.prompt_tokens, "short": args.short_tokens, "gen": args.gen_tokens,
+                       "repeats": args.repeats}}
+
+
+def write_json(path: Optional[str], result: Dict[str, Any]) -> None:
+    """Replaces `path` whole (never a half-written file), so a run cut short keeps every engine that finished."""
+    if not path:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
 def fmt(v, spec):
     if isinstance(v, (int, float)):
         return format(v, spec)
@@ -388,36 +424,22 @@ def main() -> int:
             return 0
     if not args.model:
         ap.error("--model is required")
-    with open(os.path.join(args.model, "config.json")) as f:
-        cfg = json.load(f)
+    cfg, _ = core_inputs(args.model)
     gb_tok = weight_bytes_per_token(cfg) / 1e9
 
-    rows = [run_worker(args, "ours:" + m, args.timeout) for m in args.modes.split(",") if m]
+    # The JSON is rewritten after every engine: a run stopped by its time limit keeps what finished.
+    rows: List[Dict[str, Any]] = []
+    bw: Dict[str, Any] = {}
+    for m in [m for m in args.modes.split(",") if m]:
+        rows.append(run_worker(args, "ours:" + m, args.timeout))
+        write_json(args.json, summarize(args, cfg, rows, bw, complete=False))
     bw = run_worker(args, "copy", 120)
+    write_json(args.json, summarize(args, cfg, rows, bw, complete=False))
     for p in [p for p in args.peers.split(",") if p]:
         rows.append(run_worker(args, p, args.timeout))
+        write_json(args.json, summarize(args, cfg, rows, bw, complete=False))
+    write_json(args.json, summarize(args, cfg, rows, bw, complete=True))
     copy_gbps = bw.get("copy_GBps")
-    ref = next((r.get("tokens") for r in rows if r.get("mode") == "default" and r.get("tokens")), None)
-    for r in rows:
-        if "decode_tok_s" in r:
-            r["GB_per_token"] = gb_tok
-            r["achieved_GBps"] = gb_tok * r["decode_tok_s"]
-            if copy_gbps:
-                r["roofline_tok_s"] = copy_gbps / gb_tok
-                r["pct_roofline"] = 100 * r["decode_tok_s"] / r["roofline_tok_s"]
-        if ref and r.get("tokens"):
-            same = 0
-            for a, b in zip(ref, r["tokens"]):
-                if a != b:
-                    break
-                same += 1
-            r["same_greedy_as_default"] = same
-    result = {"model": args.model, "config": cfg, "bandwidth": bw, "rows": rows,
-              "shapes": {"prompt": args.prompt_tokens, "short": args.short_tokens, "gen": args.gen_tokens,
-                         "repeats": args.repeats}}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
 
     print(f"\nGPU: {bw.get('gpu', '?')}; copy bandwidth {fmt(copy_gbps, '.0f')} GB/s ({bw.get('via', bw.get('error'))}); "
           f"{gb_tok:.2f} GB of bf16 weights per token → roofline {fmt(copy_gbps and copy_gbps / gb_tok, '.0f')} tok/s")
