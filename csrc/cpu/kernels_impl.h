@@ -118,11 +118,10 @@ static void gemv_f32(const float* W, int64_t ldw, const float* x, int64_t k, flo
   for (; r < r1; ++r) finish_row(y, r, dot(W + r * ldw, x, k), bias, accumulate);
 }
 
-// Width of the even/odd blocks prepare_x_bf16 makes: one vector register of bf16 pairs.
+// Width of the even/odd blocks prepare_x_bf16 makes: one vector register of bf16 pairs (AVX-512 only: the AVX2
+// path widens with a zero-extension and reads x as it is).
 #if defined(__AVX512F__)
 constexpr int64_t kPairBlock = 32;
-#elif defined(__AVX2__)
-constexpr int64_t kPairBlock = 16;
 #else
 constexpr int64_t kPairBlock = 1;
 #endif
@@ -137,9 +136,9 @@ static void prepare_x_bf16(const float* x, int64_t k, float* xs) {
   for (int64_t i = kb; i < k; ++i) xs[i] = x[i];
 }
 
-// A 32-bit lane holding bf16 pair (w[2i], w[2i+1]) is w[2i+1] as f32 once its low half is masked off, and w[2i]
-// once shifted left 16: two cheap in-lane ops per 32 weights, no lane-crossing widening. Several rows share each
-// x load (8 with AVX-512, 4 with AVX2's 16 registers); every row has its own even/odd accumulators.
+// AVX-512: a 32-bit lane holding bf16 pair (w[2i], w[2i+1]) is w[2i+1] as f32 once its low half is masked off, and
+// w[2i] once shifted left 16: two cheap in-lane ops per 32 weights, no lane-crossing widening; 8 rows share each x
+// load, every row with its own even/odd accumulators. AVX2: see below.
 static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* x, const float* xs, int64_t k, float* y,
                       const float* bias, bool accumulate, int64_t r0, int64_t r1) {
   int64_t r = r0;
@@ -167,22 +166,28 @@ static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* x, const floa
     }
   }
 #elif defined(__AVX2__)
-  const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
-  for (; r + 4 <= r1; r += 4) {
-    const uint16_t* w[4] = {W + r * ldw, W + (r + 1) * ldw, W + (r + 2) * ldw, W + (r + 3) * ldw};
-    __m256 ae[4], ao[4];
-    for (int j = 0; j < 4; ++j) ae[j] = ao[j] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < kb; i += 16) {
-      const __m256 xe = _mm256_loadu_ps(xs + i), xo = _mm256_loadu_ps(xs + i + 8);
-      for (int j = 0; j < 4; ++j) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(w[j] + i));
-        ae[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, ae[j]);
-        ao[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi_mask)), xo, ao[j]);
+  // Eight bf16 zero-extended to 32-bit lanes and shifted up are eight floats in x's own order. Eight rows share each
+  // x load: on Zen 3 that streams 3 KB rows about a quarter faster than four rows of shift/mask pairs did (bf16
+  // rows are half as long as float32 ones, and more streams in flight make up for it).
+  constexpr int R = 8;
+  const int64_t k8 = k & ~int64_t(7);
+  for (; r + R <= r1; r += R) {
+    const uint16_t* w[R];
+    __m256 acc[R];
+    for (int j = 0; j < R; ++j) {
+      w[j] = W + (r + j) * ldw;
+      acc[j] = _mm256_setzero_ps();
+    }
+    for (int64_t i = 0; i < k8; i += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + i);
+      for (int j = 0; j < R; ++j) {
+        const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j] + i)));
+        acc[j] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xv, acc[j]);
       }
     }
-    for (int j = 0; j < 4; ++j) {
-      float s = hsum(_mm256_add_ps(ae[j], ao[j]));
-      for (int64_t i = kb; i < k; ++i) s += bf16f(w[j][i]) * x[i];
+    for (int j = 0; j < R; ++j) {
+      float s = hsum(acc[j]);
+      for (int64_t i = k8; i < k; ++i) s += bf16f(w[j][i]) * x[i];
       finish_row(y, r + j, s, bias, accumulate);
     }
   }
