@@ -522,6 +522,12 @@ def main(argv=None) -> int:
                   f"{mres.get('bandwidth_tool')}) load average {la}")
         else:
             print(f"bandwidth ({when}): not measured ({mres.get('bandwidth_error') or mres.get('error')})")
+        feats = mres.get("cpu_features")
+        if feats and when == "start":
+            have = [k for k in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+                    if feats.get(k)]
+            print(f"cpu: {feats.get('model') or '?'}; features {' '.join(have) or 'none of note'}; kernel set "
+                  f"{mres.get('kernel_set')}")
         if mres.get("sgemm_gflops"):
             print(f"sgemm peak ({when}): {mres['sgemm_gflops']:.0f} GFLOP/s (float32, m,n,k = {mres['sgemm_shape']},"
                   f" {threads} threads, as our prefill calls it)")

@@ -515,6 +515,9 @@ def machine(job: Dict[str, Any], res: Dict[str, Any]) -> None:
         return
     from qwen_native import _core
 
+    if hasattr(_core, "cpu_features"):  # what the kernels are chosen from
+        res["cpu_features"] = dict(_core.cpu_features())
+        res["kernel_set"] = _core.isa()
     T = job["threads"]
     res["bandwidth_kind"] = f"streaming read, {T} threads, {nbytes / 2**30:.2f} GiB buffer, best of 10"
     if hasattr(_core, "read_bandwidth"):

@@ -2,9 +2,11 @@
 // bindings (bindings.cpp).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <sched.h>
 
+#include <optional>
 #include <thread>
 
 #include "backend.h"
@@ -81,6 +83,29 @@ void add_testing_hooks(py::module_& m) {
         }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
         py::arg("dtype") = "float32", py::arg("num_threads") = 1);
   m.def("isa", [] { return std::string(cpu_kernels().isa); }, "The CPU kernel set in use (chosen from CPUID).");
+  m.def("cpu_features", [] {
+          const CpuFeatures f = detect_cpu_features();
+          py::dict d;
+          d["model"] = f.model;
+          d["avx2"] = f.avx2; d["fma"] = f.fma; d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw;
+          d["avx512vl"] = f.avx512vl; d["avx512dq"] = f.avx512dq; d["avx512_bf16"] = f.avx512_bf16;
+          d["avx512_vnni"] = f.avx512_vnni; d["avx_vnni"] = f.avx_vnni; d["amx_tile"] = f.amx_tile;
+          d["amx_bf16"] = f.amx_bf16; d["amx_int8"] = f.amx_int8;
+          return d;
+        }, "The CPU's name and the instruction-set features CPUID reports.");
+  m.def("select_isa", [](const py::dict& flags, std::optional<std::string> force) {
+          // The kernel-set choice for any set of features (tests run it for every kind of CPU).
+          CpuFeatures f;
+          auto get = [&](const char* key) {
+            if (!flags.contains(key)) return false;
+            return flags[key].cast<bool>();
+          };
+          f.avx2 = get("avx2"); f.fma = get("fma"); f.avx512f = get("avx512f"); f.avx512bw = get("avx512bw");
+          f.avx512vl = get("avx512vl"); f.avx512dq = get("avx512dq"); f.avx512_bf16 = get("avx512_bf16");
+          f.avx512_vnni = get("avx512_vnni"); f.avx_vnni = get("avx_vnni"); f.amx_tile = get("amx_tile");
+          f.amx_bf16 = get("amx_bf16"); f.amx_int8 = get("amx_int8");
+          return std::string(select_isa(f, force ? force->c_str() : nullptr));
+        }, py::arg("features"), py::arg("force") = py::none());
 }
 
 }  // namespace qwen

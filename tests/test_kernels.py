@@ -73,3 +73,43 @@ def test_matmul_kernels(isa):
             assert err < 2e-6, f"{got_isa} {case['dtype']} {name} T={case['T']} n={case['n']} k={case['k']} " \
                                f"threads={case['threads']}: rel err {err:.2e}"
     print(f"{got_isa}: worst rel err {worst:.1e}")
+
+
+AVX2 = dict(avx2=True, fma=True)
+AVX512 = dict(AVX2, avx512f=True, avx512bw=True, avx512vl=True, avx512dq=True)
+CPUS = [  # (what kind of CPU, its features, the kernel set it gets)
+    ("x86-64 without AVX2", {}, "generic"),
+    ("AVX2 without FMA", dict(avx2=True), "generic"),
+    ("AVX2 (Haswell to Comet Lake, Zen 1-3)", AVX2, "avx2"),
+    ("AVX2 + AVX-VNNI (Alder Lake)", dict(AVX2, avx_vnni=True), "avx2"),
+    ("AVX-512 F without BW", dict(AVX2, avx512f=True), "avx2"),
+    ("AVX-512 (Skylake-X, Ice Lake)", dict(AVX512, avx512_vnni=True), "avx512"),
+    ("AVX-512 + BF16 (Cooper Lake, Zen 4/5)", dict(AVX512, avx512_bf16=True, avx512_vnni=True), "avx512+bf16"),
+    ("AMX (Sapphire Rapids)", dict(AVX512, avx512_bf16=True, amx_tile=True, amx_bf16=True, amx_int8=True),
+     "avx512+bf16"),
+]
+
+
+@pytest.mark.parametrize("kind, features, expected", CPUS, ids=[c[0] for c in CPUS])
+def test_kernel_set_for_each_kind_of_cpu(kind, features, expected):
+    """The choice of kernel set, for CPUs this machine may not be: the best set the features allow; a forced set
+    (QWEN_NATIVE_ISA) only when the CPU can run it."""
+    from qwen_native import _core
+
+    assert _core.select_isa(features) == expected
+    assert _core.select_isa(features, "generic") == "generic"
+    can = {"generic", "avx2"} if features.get("avx2") and features.get("fma") else {"generic"}
+    if expected.startswith("avx512"):
+        can.add("avx512")
+    for force in ("avx2", "avx512"):
+        assert _core.select_isa(features, force) == (force if force in can else expected)
+    assert _core.select_isa(features, "sse9") == expected  # an unknown name changes nothing
+
+
+def test_the_kernel_set_in_use_is_the_one_selected():
+    from qwen_native import _core
+
+    feats = _core.cpu_features()
+    assert isinstance(feats["model"], str)
+    forced = os.environ.get("QWEN_NATIVE_ISA")
+    assert _core.isa() == _core.select_isa(feats, forced)

@@ -83,7 +83,17 @@ class CpuBackend final : public Backend {
     for (auto& [p, bytes] : allocations_) munmap(p, bytes);
   }
 
-  std::string name() const override { return std::string("cpu (") + K_.isa + ", " + std::to_string(pool_.size()) + " threads)"; }
+  // The kernel set, then the path each kind of matmul takes.
+  std::string name() const override {
+#if defined(QWEN_BLAS_OPENBLAS)
+    const std::string sgemm = "OpenBLAS sgemm";
+#else
+    const std::string sgemm = "built-in sgemm";
+#endif
+    return std::string("cpu (") + K_.isa + ", " + std::to_string(pool_.size()) + " threads; one row: " + K_.isa +
+           " GEMV; several rows: float32 " + sgemm + ", bfloat16 " +
+           (K_.gemm_bf16_cols ? "VDPBF16PS GEMM on bf16-rounded inputs" : "tiles widened to float32 + " + sgemm) + ")";
+  }
   bool stores(Format f) const override { return f == Format::F32 || f == Format::BF16; }
   DType activation_dtype() const override { return DType::F32; }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace qwen {
 
@@ -40,6 +41,18 @@ struct CpuKernels {
 // The bf16 GEMM's weight panel: kBf16PanelCols output columns × kBf16PanelK of k (32 KB, resident in L1).
 constexpr int64_t kBf16PanelCols = 32, kBf16PanelK = 512;
 constexpr int64_t gemm_bf16_panel_elems() { return kBf16PanelCols * kBf16PanelK; }
+
+// What CPUID reports (x86; all false elsewhere), and the CPU's name.
+struct CpuFeatures {
+  std::string model;
+  bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512_bf16 = false, avx512_vnni = false, avx_vnni = false, amx_tile = false, amx_bf16 = false,
+       amx_int8 = false;
+};
+CpuFeatures detect_cpu_features();
+// The kernel set for a CPU with these features: "generic", "avx2", "avx512" or "avx512+bf16". `force` (from
+// QWEN_NATIVE_ISA, may be null) picks a slower set the CPU can run; anything else is ignored.
+const char* select_isa(const CpuFeatures& f, const char* force);
 
 const CpuKernels& cpu_kernels();          // best for this CPU (chosen once from CPUID)
 const CpuKernels& cpu_kernels_generic();  // the portable reference path
