@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #include "tensor.h"
@@ -52,13 +53,19 @@ class Backend {
   virtual Tensor alloc(DType dtype, int64_t rows, int64_t cols) = 0;
   // A parameter of rows × cols in format f: exactly format_bytes(f, rows, cols) of backend memory.
   virtual Weight alloc_weight(Format f, int64_t rows, int64_t cols) {
-    return Weight{alloc(format_dtype(f), rows, cols), f};
+    if (is_quantized(f)) throw std::invalid_argument(std::string("this backend does not store ") + format_name(f));
+    return Weight{alloc(format_dtype(f), rows, cols), f, rows, cols};
   }
   // Host memory of `t` when it lives on the host, else nullptr (lets the loader read files straight into it).
   virtual void* host_data(const Tensor& t) { return nullptr; }
   // Converts n host elements of `src_dtype` into contiguous `dst` starting at element `at`. Thread-safe for
   // disjoint ranges.
   virtual void upload(const Tensor& dst, int64_t at, const void* src, DType src_dtype, int64_t n) = 0;
+  // Converts `rows` whole rows of host data in `src_dtype` into rows row0.. of a parameter (quantizing them when its
+  // format is quantized). Thread-safe for disjoint rows.
+  virtual void upload_weight(const Weight& dst, int64_t row0, const void* src, DType src_dtype, int64_t rows) {
+    upload(dst.data, row0 * dst.cols(), src, src_dtype, rows * dst.cols());
+  }
   // Copies an F32 tensor to host memory (rows × cols floats, packed).
   virtual void download(float* dst, const Tensor& src) = 0;
 

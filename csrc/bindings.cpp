@@ -94,9 +94,9 @@ Qwen2Config config_from_dict(const py::dict& d) {
 }
 
 Format parse_format(const std::string& s) {
-  if (s == "float32") return Format::F32;
-  if (s == "bfloat16") return Format::BF16;
-  throw py::value_error("weight format must be \"float32\" or \"bfloat16\", got \"" + s + "\"");
+  for (Format f : {Format::F32, Format::BF16, Format::Q8, Format::Q4})
+    if (s == format_name(f)) return f;
+  throw py::value_error("weight format must be \"float32\", \"bfloat16\", \"int8\" or \"int4\", got \"" + s + "\"");
 }
 
 [[noreturn]] void outside_vocab(const std::string& id, int64_t vocab) {
@@ -167,8 +167,8 @@ class PyModel {
           const std::map<std::string, std::string>& weight_formats) {
     Qwen2Config cfg = config_from_dict(config);
     WeightFormats formats;
-    if (dtype != "float32" && dtype != "bfloat16")
-      throw py::value_error("dtype must be \"float32\" or \"bfloat16\", got \"" + dtype + "\"");
+    if (dtype != "float32" && dtype != "bfloat16" && dtype != "int8" && dtype != "int4")
+      throw py::value_error("dtype must be \"float32\", \"bfloat16\", \"int8\" or \"int4\", got \"" + dtype + "\"");
     formats.matrices = parse_format(dtype);
     for (const auto& [name, f] : weight_formats) formats.overrides[name] = parse_format(f);
     if (num_threads < 0) throw py::value_error("num_threads must be >= 0 (0 = the cores this process may use)");

@@ -6,6 +6,7 @@
 
 #include <sched.h>
 
+#include <cstring>
 #include <optional>
 #include <thread>
 
@@ -28,9 +29,9 @@ int threads_or_default(int n) {
 }
 
 Format format_arg(const std::string& dtype) {
-  if (dtype == "float32") return Format::F32;
-  if (dtype == "bfloat16") return Format::BF16;
-  throw py::value_error("dtype must be float32 or bfloat16");
+  for (Format f : {Format::F32, Format::BF16, Format::Q8, Format::Q4})
+    if (dtype == format_name(f)) return f;
+  throw py::value_error("dtype must be float32, bfloat16, int8 or int4");
 }
 }  // namespace
 
@@ -64,7 +65,7 @@ void add_testing_hooks(py::module_& m) {
                  B = backend->alloc(DType::F32, 1, n);
           Weight W = backend->alloc_weight(format_arg(dtype), n, k);
           backend->upload(X, 0, x.data(), DType::F32, T * k);
-          backend->upload(W.data, 0, w.data(), DType::F32, n * k);
+          backend->upload_weight(W, 0, w.data(), DType::F32, n);
           if (!bias.is_none()) {
             auto b = bias.cast<FloatArray>();
             if (b.size() != n) throw py::value_error("bias must have n elements");
@@ -82,6 +83,34 @@ void add_testing_hooks(py::module_& m) {
           return result;
         }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
         py::arg("dtype") = "float32", py::arg("num_threads") = 1);
+  m.def("_quantize", [](FloatArray x, const std::string& format) {
+          // For tests: rows of x in a quantized format's bytes (tensor.h's layout), as the loader stores them.
+          if (x.ndim() != 2 || x.shape(0) < 1 || x.shape(1) < 1) throw py::value_error("x must be a non-empty (n, k) array");
+          const Format f = format == "int8" ? Format::Q8 : format == "int4" ? Format::Q4
+                                            : throw py::value_error("format must be int8 or int4");
+          const int64_t n = x.shape(0), k = x.shape(1), row_bytes = quant_groups(k) * quant_block_bytes(f);
+          py::array_t<uint8_t> out({quant_blocks(n), row_bytes});
+          std::memset(out.mutable_data(), 0, size_t(out.size()));
+          for (int64_t r = 0; r < n; ++r)
+            if (!cpu_kernels().quantize_row(f, x.data() + r * k, k, out.mutable_data() + (r / kQuantRows) * row_bytes,
+                                            int(r % kQuantRows)))
+              throw py::value_error("a value is too large for a float16 scale");
+          return out;
+        }, py::arg("x"), py::arg("format"));
+  m.def("_dequantize", [](py::array_t<uint8_t, py::array::c_style | py::array::forcecast> q, const std::string& format,
+                          int64_t n, int64_t k) {
+          const Format f = format == "int8" ? Format::Q8 : format == "int4" ? Format::Q4
+                                            : throw py::value_error("format must be int8 or int4");
+          const int64_t row_bytes = quant_groups(k) * quant_block_bytes(f);
+          if (n < 1 || k < 1 || q.size() != quant_blocks(n) * row_bytes) throw py::value_error("q has the wrong size");
+          py::array_t<float> out({n, k});
+          for (int64_t r = 0; r < n; ++r) {
+            const uint8_t* block = q.data() + (r / kQuantRows) * row_bytes;
+            if (f == Format::Q8) cpu_kernels().dequant_q8(block, int(r % kQuantRows), k, out.mutable_data() + r * k);
+            else cpu_kernels().dequant_q4(block, int(r % kQuantRows), k, out.mutable_data() + r * k);
+          }
+          return out;
+        }, py::arg("q"), py::arg("format"), py::arg("n"), py::arg("k"));
   m.def("isa", [] { return std::string(cpu_kernels().isa); }, "The CPU kernel set in use (chosen from CPUID).");
   m.def("cpu_features", [] {
           const CpuFeatures f = detect_cpu_features();

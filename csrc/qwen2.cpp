@@ -201,7 +201,7 @@ void Qwen2Model::load(const std::vector<TensorSource>& tensors, const WeightForm
 
   std::vector<TensorTarget> targets;
   for (const auto& [name, p] : params)  // a matrix lands at a row of its stack, a vector at an element of its row
-    targets.push_back({p.src, parse_dtype(*p.src), p.dst->data, p.shape.size() == 1 ? p.at : p.at * p.shape[1]});
+    targets.push_back({p.src, parse_dtype(*p.src), *p.dst, p.shape.size() == 1 ? p.at : p.at * p.shape[1]});
   read_tensors(b, targets, 2);
 }
 

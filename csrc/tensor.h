@@ -9,10 +9,24 @@
 
 namespace qwen {
 
-enum class DType : uint8_t { F32, BF16, F16 };
+enum class DType : uint8_t { F32, BF16, F16, I8, U8 };
 
-inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
-inline const char* dtype_name(DType t) { return t == DType::F32 ? "F32" : t == DType::BF16 ? "BF16" : "F16"; }
+inline size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::BF16: case DType::F16: return 2;
+    default: return 1;
+  }
+}
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "F32";
+    case DType::BF16: return "BF16";
+    case DType::F16: return "F16";
+    case DType::I8: return "I8";
+    default: return "U8";
+  }
+}
 
 // rows × cols elements; row r starts `ld` elements after row r-1, so a column range of a wider matrix is a view.
 struct Tensor {
@@ -39,26 +53,55 @@ struct Tensor {
   }
 };
 
-// How a parameter is stored. Plain formats hold one element per value; quantized ones (next) add scales and a
-// group size to the Weight. The model picks a format per tensor, so one model may mix them.
-enum class Format : uint8_t { F32, BF16 };
+// How a parameter is stored. Plain formats hold one element per value, row by row. Quantized ones cut each row into
+// groups of kQuantGroup values (the last one zero-padded) with float16 scales per group:
+//   Q8: value = d * q, q int8 in [-127, 127]                           8.5 bits per weight
+//   Q4: value = d * q + m, q in [0, 15], two per byte                  5 bits per weight
+// and keep kQuantRows rows together (the last block zero-padded), group by group, so that a one-row matmul reads
+// the matrix as one sequential stream (rows of 1536 int8 are too short for the prefetchers one by one). Block b,
+// group g is at byte (b * groups + g) * quant_block_bytes: the 4 rows' scales first (Q8: d0..d3; Q4: d0..d3,
+// m0..m3), then each row's levels (Q8: 32 bytes; Q4: 16 bytes, byte j holding value j in its low nibble and value
+// j + 16 in its high nibble). The model picks a format per tensor, so one model may mix them.
+enum class Format : uint8_t { F32, BF16, Q8, Q4 };
+constexpr int64_t kQuantGroup = 32, kQuantRows = 4;
 
-inline const char* format_name(Format f) { return f == Format::F32 ? "float32" : "bfloat16"; }
-// The element type of a plain format's data.
-inline DType format_dtype(Format f) { return f == Format::F32 ? DType::F32 : DType::BF16; }
+inline const char* format_name(Format f) {
+  switch (f) {
+    case Format::F32: return "float32";
+    case Format::BF16: return "bfloat16";
+    case Format::Q8: return "int8";
+    default: return "int4";
+  }
+}
+inline bool is_quantized(Format f) { return f == Format::Q8 || f == Format::Q4; }
+inline int64_t quant_groups(int64_t cols) { return (cols + kQuantGroup - 1) / kQuantGroup; }
+inline int64_t quant_blocks(int64_t rows) { return (rows + kQuantRows - 1) / kQuantRows; }
+inline int64_t quant_level_bytes(Format f) { return f == Format::Q4 ? kQuantGroup / 2 : kQuantGroup; }  // a row's
+inline int64_t quant_scale_bytes(Format f) { return f == Format::Q4 ? 4 : 2; }                         // a row's
+inline int64_t quant_block_bytes(Format f) { return kQuantRows * (quant_scale_bytes(f) + quant_level_bytes(f)); }
+// The element type of a plain format's data (quantized data is bytes).
+inline DType format_dtype(Format f) {
+  switch (f) {
+    case Format::F32: return DType::F32;
+    case Format::BF16: return DType::BF16;
+    default: return DType::U8;
+  }
+}
 // Bytes of a rows × cols matrix in format f, exactly (what the backend allocates for it).
 inline int64_t format_bytes(Format f, int64_t rows, int64_t cols) {
-  return rows * cols * int64_t(dtype_size(format_dtype(f)));
+  if (!is_quantized(f)) return rows * cols * int64_t(dtype_size(format_dtype(f)));
+  return quant_blocks(rows) * quant_groups(cols) * quant_block_bytes(f);
 }
 
 // A model parameter: its data in the backend's memory and the format that data is in. Matmuls and the embedding
 // lookup dispatch on `format`.
 struct Weight {
-  Tensor data;  // (rows, cols) of format_dtype(format)
+  Tensor data;  // plain: (rows, cols) of format_dtype(format); quantized: U8 (blocks, groups * quant_block_bytes)
   Format format = Format::F32;
+  int64_t n = 0, k = 0;  // rows and columns of the matrix it stands for
 
-  int64_t rows() const { return data.rows; }
-  int64_t cols() const { return data.cols; }
+  int64_t rows() const { return n; }
+  int64_t cols() const { return k; }
 };
 
 // bf16 is the top half of an f32: widening is exact, narrowing rounds to nearest even (NaN stays NaN).
@@ -76,5 +119,6 @@ inline uint16_t f32_to_bf16(float f) {
   return uint16_t(u >> 16);
 }
 float f16_to_f32(uint16_t h);  // weights.cpp
+uint16_t f32_to_f16(float f);  // weights.cpp: round to nearest even, saturating to ±inf beyond the range
 
 }  // namespace qwen

@@ -34,6 +34,27 @@ float f16_to_f32(uint16_t h) {
   return f;
 }
 
+uint16_t f32_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);               // NaN
+  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);              // beyond the largest f16 after rounding: inf
+  if (a >= 0x38800000u) {                                             // normal: rebias, round to nearest even
+    const uint32_t m = a + 0xfffu + ((a >> 13) & 1u) - (uint32_t(112) << 23);
+    return uint16_t(sign | (m >> 13));
+  }
+  // subnormal f16 (or zero): shift the mantissa with its implicit bit, rounding to nearest even
+  const int e = int(a >> 23);
+  if (e < 102) return uint16_t(sign);
+  const uint32_t mant = (a & 0x7fffffu) | 0x800000u;
+  const int shift = 126 - e;  // 14 .. 24
+  uint32_t q = mant >> shift;
+  const uint32_t rem = mant & ((1u << shift) - 1u), half = 1u << (shift - 1);
+  if (rem > half || (rem == half && (q & 1u))) ++q;
+  return uint16_t(sign | q);
+}
+
 DType parse_dtype(const TensorSource& s) {
   if (s.dtype == "F32") return DType::F32;
   if (s.dtype == "BF16") return DType::BF16;
@@ -116,16 +137,25 @@ void read_tensors(Backend& backend, const std::vector<TensorTarget>& targets, in
         for (const TensorTarget* t : jobs[j]) {
           const TensorSource& s = *t->src;
           const int64_t esize = int64_t(dtype_size(t->src_dtype));
-          char* direct = static_cast<char*>(backend.host_data(t->dst));
-          if (direct && t->dst.dtype == t->src_dtype && t->dst.contiguous()) {
+          const Tensor& data = t->dst.data;
+          char* direct = static_cast<char*>(backend.host_data(data));
+          if (direct && !is_quantized(t->dst.format) && data.dtype == t->src_dtype && data.contiguous()) {
             pread_all(file.fd, s.path, direct + t->at * esize, s.nbytes, s.offset);
             continue;
           }
           if (bounce.empty()) bounce.resize(size_t(kChunk));
-          for (int64_t done = 0; done < s.nbytes; done += kChunk) {
-            int64_t n = std::min(kChunk, s.nbytes - done);
+          // A quantized parameter takes whole rows; a plain one any run of elements.
+          const int64_t unit = is_quantized(t->dst.format) ? t->dst.cols() * esize : esize;
+          const int64_t step = std::max<int64_t>(1, kChunk / unit) * unit;
+          if (step > int64_t(bounce.size())) bounce.resize(size_t(step));
+          for (int64_t done = 0; done < s.nbytes; done += step) {
+            const int64_t n = std::min(step, s.nbytes - done);
             pread_all(file.fd, s.path, bounce.data(), n, s.offset + done);
-            backend.upload(t->dst, t->at + done / esize, bounce.data(), t->src_dtype, n / esize);
+            if (is_quantized(t->dst.format))
+              backend.upload_weight(t->dst, (t->at + done / esize) / t->dst.cols(), bounce.data(), t->src_dtype,
+                                    n / unit);
+            else
+              backend.upload(data, t->at + done / esize, bounce.data(), t->src_dtype, n / esize);
           }
         }
         std::lock_guard<std::mutex> lock(error_mu);

@@ -19,11 +19,12 @@ struct TensorSource {
   int64_t nbytes = 0;
 };
 
-// Where a source goes: `dst` starting at element `at` (q/k/v and gate/up land in one fused matrix each).
+// Where a source goes: parameter `dst` starting at element `at` (q/k/v and gate/up land in one fused matrix each;
+// in a quantized parameter `at` is the first element of a row).
 struct TensorTarget {
   const TensorSource* src;
   DType src_dtype;
-  Tensor dst;
+  Weight dst;
   int64_t at;
 };
 

@@ -26,9 +26,32 @@ def _rotate_half(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
-def reference_logits(weights: Dict[str, np.ndarray], cfg: dict, ids: Sequence[int]) -> np.ndarray:
-    """Logits (T, vocab) in float64 for token ids at positions 0..T-1."""
+def quantize_inputs(x: np.ndarray) -> np.ndarray:
+    """What the quantized one-row matmuls multiply instead of x (float32 rows): each group of 32 rounded to int8
+    levels of step max|x| / 127 (nearest even), times that step."""
+    x = np.asarray(x, dtype=np.float32)
+    n, k = x.shape
+    pad = -k % 32
+    g = np.concatenate([x, np.zeros((n, pad), np.float32)], axis=1).reshape(n, -1, 32)
+    step = (np.abs(g).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(step > 0, np.float32(1) / np.where(step > 0, step, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.rint(g * inv)
+    return (q * step).astype(np.float32).reshape(n, -1)[:, :k]
+
+
+def reference_logits(weights: Dict[str, np.ndarray], cfg: dict, ids: Sequence[int], quantized: Sequence[str] = (),
+                     quantized_rows: Sequence[int] = ()) -> np.ndarray:
+    """Logits (T, vocab) in float64 for token ids at positions 0..T-1. The inputs of the matmuls with the weights
+    named in `quantized` are rounded by quantize_inputs in the rows `quantized_rows` (the rows our engine runs as
+    one-row passes)."""
     W = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    qrows = np.asarray(sorted(quantized_rows), dtype=np.int64)
+
+    def mm(h: np.ndarray, name: str) -> np.ndarray:
+        if name in quantized and qrows.size:
+            h = h.copy()
+            h[qrows] = quantize_inputs(h[qrows].astype(np.float32)).astype(np.float64)
+        return h @ W[name].T
     T = len(ids)
     nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg)
     eps = cfg["rms_norm_eps"]
@@ -39,9 +62,9 @@ def reference_logits(weights: Dict[str, np.ndarray], cfg: dict, ids: Sequence[in
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = _rmsnorm(x, W[p + "input_layernorm.weight"], eps)
-        q = h @ W[p + "self_attn.q_proj.weight"].T + W[p + "self_attn.q_proj.bias"]
-        k = h @ W[p + "self_attn.k_proj.weight"].T + W[p + "self_attn.k_proj.bias"]
-        v = h @ W[p + "self_attn.v_proj.weight"].T + W[p + "self_attn.v_proj.bias"]
+        q = mm(h, p + "self_attn.q_proj.weight") + W[p + "self_attn.q_proj.bias"]
+        k = mm(h, p + "self_attn.k_proj.weight") + W[p + "self_attn.k_proj.bias"]
+        v = mm(h, p + "self_attn.v_proj.weight") + W[p + "self_attn.v_proj.bias"]
         q = q.reshape(T, nh, hd).transpose(1, 0, 2)   # (nh, T, hd)
         k = k.reshape(T, nkv, hd).transpose(1, 0, 2)  # (nkv, T, hd)
         v = v.reshape(T, nkv, hd).transpose(1, 0, 2)
@@ -53,14 +76,13 @@ def reference_logits(weights: Dict[str, np.ndarray], cfg: dict, ids: Sequence[in
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs = scores / scores.sum(axis=-1, keepdims=True)
         attn = (probs @ v).transpose(1, 0, 2).reshape(T, nh * hd)
-        x = x + attn @ W[p + "self_attn.o_proj.weight"].T
+        x = x + mm(attn, p + "self_attn.o_proj.weight")
         h = _rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps)
-        gate = h @ W[p + "mlp.gate_proj.weight"].T
-        up = h @ W[p + "mlp.up_proj.weight"].T
-        x = x + (gate / (1.0 + np.exp(-gate)) * up) @ W[p + "mlp.down_proj.weight"].T
+        gate = mm(h, p + "mlp.gate_proj.weight")
+        up = mm(h, p + "mlp.up_proj.weight")
+        x = x + mm(gate / (1.0 + np.exp(-gate)) * up, p + "mlp.down_proj.weight")
     x = _rmsnorm(x, W["model.norm.weight"], eps)
-    lm_head = W.get("lm_head.weight", W["model.embed_tokens.weight"])
-    return x @ lm_head.T
+    return mm(x, "lm_head.weight" if "lm_head.weight" in W else "model.embed_tokens.weight")
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

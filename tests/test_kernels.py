@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fixtures import bf16_round
+from reference import quantize_inputs
 
 SHAPES = [(1, 1, 1), (1, 5, 7), (1, 33, 97), (1, 64, 1536), (2, 1, 3), (3, 17, 31), (2, 40, 33), (13, 65, 129),
           (25, 100, 1001), (12, 32, 512), (37, 70, 600)]
@@ -29,13 +30,15 @@ for T, n, k in shapes:
     w = rng.standard_normal((n, k)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     o = rng.standard_normal((T, n)).astype(np.float32)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "int8", "int4"):
+        # quantized formats: the weights as this kernel set stores them, for the reference
+        wq = _core._dequantize(_core._quantize(w, dtype), dtype, n, k).tolist() if dtype.startswith("int") else None
         for th in threads:
             plain = _core._backend_matmul(x, w, dtype=dtype, num_threads=th)
             biased = _core._backend_matmul(x, w, bias=b, dtype=dtype, num_threads=th)
             acc = _core._backend_matmul(x, w, out=o, dtype=dtype, num_threads=th)
             cases.append(dict(T=T, n=n, k=k, dtype=dtype, threads=th, plain=plain.tolist(), biased=biased.tolist(),
-                              acc=acc.tolist()))
+                              acc=acc.tolist(), wq=wq))
 print(json.dumps(dict(isa=_core.isa(), cases=cases)))
 """
 
@@ -65,6 +68,10 @@ def test_matmul_kernels(isa):
             w = bf16_round(w)  # stored as bf16
             if case["T"] > 1 and got_isa.endswith("+bf16"):
                 x = bf16_round(x)  # batched passes feed the bf16 dot-product GEMM bf16 inputs
+        elif case["dtype"] in ("int8", "int4"):
+            w = np.asarray(case["wq"], dtype=np.float32)  # dequantized (tests/test_quant.py checks the format)
+            if case["T"] == 1:
+                x = quantize_inputs(x)  # one-row passes: integer dot products of the int8-rounded input
         ref = x.astype(np.float64) @ w.astype(np.float64).T
         for name, expect in (("plain", ref), ("biased", ref + b), ("acc", ref + o)):
             got = np.asarray(case[name])

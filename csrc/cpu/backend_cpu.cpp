@@ -92,9 +92,11 @@ class CpuBackend final : public Backend {
 #endif
     return std::string("cpu (") + K_.isa + ", " + std::to_string(pool_.size()) + " threads; one row: " + K_.isa +
            " GEMV; several rows: float32 " + sgemm + ", bfloat16 " +
-           (K_.gemm_bf16_cols ? "VDPBF16PS GEMM on bf16-rounded inputs" : "tiles widened to float32 + " + sgemm) + ")";
+           (K_.gemm_bf16_cols ? "VDPBF16PS GEMM on bf16-rounded inputs" : "tiles widened to float32 + " + sgemm) +
+           "; int8/int4: one row by integer dot products with the input quantized to int8, several rows by tiles "
+           "widened to float32 + " + sgemm + ")";
   }
-  bool stores(Format f) const override { return f == Format::F32 || f == Format::BF16; }
+  bool stores(Format) const override { return true; }
   DType activation_dtype() const override { return DType::F32; }
 
   void reserve(int64_t bytes, const std::string& what) override {
@@ -118,15 +120,44 @@ class CpuBackend final : public Backend {
     return Tensor{p, dtype, rows, cols, cols};
   }
 
+  // Scratch of the matmuls is sized here, at load, never per step.
   Weight alloc_weight(Format f, int64_t rows, int64_t cols) override {
-    if (f == Format::BF16) {  // scratch of the bf16 matmuls, sized at load, never per step
+    if (f == Format::BF16) {
       if (size_t(cols) > xs_.size()) xs_.resize(size_t(cols));
       if (K_.gemm_bf16_cols && panels_.empty())
         panels_.assign(size_t(pool_.size()), std::vector<uint16_t>(size_t(gemm_bf16_panel_elems())));
-      if (!K_.gemm_bf16_cols)
-        for (auto& t : tiles_) t.resize(std::max(t.size(), size_t(kTileFloats)));
     }
-    return Weight{alloc(format_dtype(f), rows, cols), f};
+    if ((f == Format::BF16 && !K_.gemm_bf16_cols) || is_quantized(f))  // batched passes widen tiles of rows
+      for (auto& t : tiles_) t.resize(std::max(t.size(), size_t(kTileFloats)));
+    if (!is_quantized(f)) return Weight{alloc(format_dtype(f), rows, cols), f, rows, cols};
+    const int64_t groups = quant_groups(cols);
+    if (size_t(groups) > sx_.size()) {
+      qx_.resize(size_t(groups * kQuantGroup));
+      sx_.resize(size_t(groups));
+      xsum_.resize(size_t(groups));
+    }
+    return Weight{alloc(DType::U8, quant_blocks(rows), groups * quant_block_bytes(f)), f, rows, cols};
+  }
+
+  void upload_weight(const Weight& dst, int64_t row0, const void* src, DType src_dtype, int64_t rows) override {
+    if (!is_quantized(dst.format)) return Backend::upload_weight(dst, row0, src, src_dtype, rows);
+    if (row0 < 0 || rows < 0 || row0 + rows > dst.rows()) throw std::out_of_range("upload outside its weight");
+    const int64_t k = dst.cols();
+    std::vector<float> row(static_cast<size_t>(k));  // one row of floats at a time: never a float copy of the matrix
+    for (int64_t r = row0; r < row0 + rows; ++r) {
+      Tensor one{row.data(), DType::F32, 1, k, k};
+      upload(one, 0, static_cast<const char*>(src) + (r - row0) * k * int64_t(dtype_size(src_dtype)), src_dtype, k);
+      if (!K_.quantize_row(dst.format, row.data(), k, dst.data.row<uint8_t>(r / kQuantRows), int(r % kQuantRows)))
+        throw std::invalid_argument(std::string("a weight is too large for ") + format_name(dst.format) +
+                                    " (its float16 scale would overflow); load this model in bfloat16 or float32");
+    }
+  }
+
+  // Row r of a quantized weight as floats.
+  void dequant_row(const Weight& w, int64_t r, float* out) const {
+    const uint8_t* block = w.data.row<uint8_t>(r / kQuantRows);
+    if (w.format == Format::Q8) K_.dequant_q8(block, int(r % kQuantRows), w.cols(), out);
+    else K_.dequant_q4(block, int(r % kQuantRows), w.cols(), out);
   }
 
   void* host_data(const Tensor& t) override { return t.data; }
@@ -178,6 +209,7 @@ class CpuBackend final : public Backend {
       switch (table.format) {
         case Format::F32: std::memcpy(o, table.data.row<float>(id), size_t(table.cols()) * 4); break;
         case Format::BF16: K_.bf16_to_f32(table.data.row<uint16_t>(id), o, table.cols()); break;
+        case Format::Q8: case Format::Q4: dequant_row(table, id, o); break;
       }
     }
   }
@@ -201,10 +233,11 @@ class CpuBackend final : public Backend {
  private:
   void matmul_run(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias, bool accumulate) {
     const Tensor& w = weight.data;
-    const int64_t T = x.rows, n = w.rows, k = w.cols;
+    const int64_t T = x.rows, n = weight.rows(), k = weight.cols(), groups = quant_groups(k);
     const float* b = bias ? bias->ptr<float>() : nullptr;
     if (T == 1) {  // one row: bandwidth-bound GEMV, rows of w split across threads
       if (weight.format == Format::BF16) K_.prepare_x_bf16(x.ptr<float>(), k, xs_.data());
+      if (is_quantized(weight.format)) K_.quantize_x(x.ptr<float>(), k, qx_.data(), sx_.data(), xsum_.data());
       pool_.parallel_for(n, kRowAlign, [&](int64_t r0, int64_t r1, int) {
         switch (weight.format) {
           case Format::F32:
@@ -214,13 +247,24 @@ class CpuBackend final : public Backend {
             K_.gemv_bf16(w.ptr<uint16_t>(), w.ld, x.ptr<float>(), xs_.data(), k, out.ptr<float>(), b, accumulate,
                          r0, r1);
             break;
+          case Format::Q8:
+            K_.gemv_q8(w.ptr<uint8_t>(), groups, qx_.data(), sx_.data(), out.ptr<float>(), b, accumulate, r0, r1);
+            break;
+          case Format::Q4:
+            K_.gemv_q4(w.ptr<uint8_t>(), groups, qx_.data(), sx_.data(), xsum_.data(), out.ptr<float>(), b,
+                       accumulate, r0, r1);
+            break;
         }
       });
       return;
     }
     switch (weight.format) {
       case Format::F32: gemm_f32(out, x, w, b, accumulate); return;
-      case Format::BF16: gemm_bf16(out, x, w, b, accumulate); return;
+      case Format::BF16:
+        if (K_.gemm_bf16_cols) gemm_bf16(out, x, w, b, accumulate);
+        else gemm_widened(out, x, weight, b, accumulate);
+        return;
+      case Format::Q8: case Format::Q4: gemm_widened(out, x, weight, b, accumulate); return;
     }
   }
 
@@ -306,20 +350,29 @@ class CpuBackend final : public Backend {
     }, /*chunks_per_thread=*/2);
   }
 
-  // Batched with bf16 weights: the bf16 dot-product GEMM where the CPU has one (inputs rounded to bf16), else
-  // tiles of rows widened to float32 and fed to sgemm.
+  // Batched with bf16 weights on CPUs with the bf16 dot-product GEMM: inputs rounded to bf16, sums in float32.
   void gemm_bf16(const Tensor& out, const Tensor& x, const Tensor& w, const float* b, bool accumulate) {
     const int64_t T = x.rows, n = w.rows, k = w.cols;
-    if (K_.gemm_bf16_cols) {
-      const int64_t k2 = k + (k & 1);
-      if (x16_.size() < size_t(T * k2)) x16_.resize(size_t(T * k2));  // batched passes only, grows once
-      for_rows(T, [&](int64_t t) { K_.round_rows_bf16(x.ptr<float>(), x.ld, t, t + 1, k, x16_.data()); });
-      pool_.parallel_for(n, 32, [&](int64_t r0, int64_t r1, int tid) {
-        K_.gemm_bf16_cols(x16_.data(), T, k, w.ptr<uint16_t>(), w.ld, out.ptr<float>(), out.ld, b, accumulate, r0, r1,
-                          panels_[size_t(tid)].data());
-      }, /*chunks_per_thread=*/4);
-      return;
-    }
+    const int64_t k2 = k + (k & 1);
+    if (x16_.size() < size_t(T * k2)) x16_.resize(size_t(T * k2));  // batched passes only, grows once
+    for_rows(T, [&](int64_t t) { K_.round_rows_bf16(x.ptr<float>(), x.ld, t, t + 1, k, x16_.data()); });
+    pool_.parallel_for(n, 32, [&](int64_t r0, int64_t r1, int tid) {
+      K_.gemm_bf16_cols(x16_.data(), T, k, w.ptr<uint16_t>(), w.ld, out.ptr<float>(), out.ld, b, accumulate, r0, r1,
+                        panels_[size_t(tid)].data());
+    }, /*chunks_per_thread=*/4);
+  }
+
+  // Batched with weights in a narrower format (bf16 without the bf16 GEMM, Q8, Q4): tiles of rows widened to
+  // float32 (never the whole matrix) and fed to sgemm.
+  void gemm_widened(const Tensor& out, const Tensor& x, const Weight& weight, const float* b, bool accumulate) {
+    const int64_t T = x.rows, n = weight.rows(), k = weight.cols();
+    auto widen = [&](int64_t r, float* dst) {
+      switch (weight.format) {
+        case Format::BF16: K_.bf16_to_f32(weight.data.row<uint16_t>(r), dst, k); break;
+        case Format::Q8: case Format::Q4: dequant_row(weight, r, dst); break;
+        case Format::F32: std::memcpy(dst, weight.data.row<float>(r), size_t(k) * 4); break;
+      }
+    };
     pool_.parallel_for(n, kRowAlign, [&](int64_t r0, int64_t r1, int tid) {
       float* o = out.ptr<float>() + r0;
       if (b && !accumulate)
@@ -331,7 +384,7 @@ class CpuBackend final : public Backend {
       if (tile.size() < need) tile.resize(need);  // only when a matrix is wider than the tile budget
       for (int64_t t0 = r0; t0 < r1; t0 += rows_per_tile) {
         const int64_t m = std::min(rows_per_tile, r1 - t0);
-        for (int64_t r = 0; r < m; ++r) K_.bf16_to_f32(w.row<uint16_t>(t0 + r), tile.data() + r * k, k);
+        for (int64_t r = 0; r < m; ++r) widen(t0 + r, tile.data() + r * k);
         sgemm_nt(T, m, k, x.ptr<float>(), x.ld, tile.data(), k, o + (t0 - r0), out.ld, beta, K_);
       }
     }, /*chunks_per_thread=*/2);
@@ -355,6 +408,8 @@ class CpuBackend final : public Backend {
   std::vector<uint16_t> x16_;               // batched bf16 GEMM: the input rounded to bf16 (T × even k)
   std::vector<std::vector<uint16_t>> panels_;  // per thread: packed weight panel of the bf16 GEMM
   std::vector<float> xs_;                    // the decode input rearranged for the bf16 GEMV (widest bf16 matrix)
+  std::vector<int8_t> qx_;                   // the decode input quantized for the Q8/Q4 GEMVs: levels,
+  std::vector<float> sx_, xsum_;             // steps and sums per group (widest quantized matrix)
   Rows rows_;                                  // of the current pass
   std::vector<std::pair<int64_t, int64_t>> runs_;    // (first row, rows): the runs of the current pass
   std::vector<std::pair<int64_t, int64_t>> blocks_;  // (first row, rows): attention blocks of the current pass

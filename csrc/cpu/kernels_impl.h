@@ -1,11 +1,13 @@
 // The body of every CPU kernel. Included by one .cpp per instruction set with QWEN_KERNELS_NS naming the
 // namespace; the intrinsic paths switch on what the compiler was told the target supports.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
 #include "cpu/kernels.h"
+#include "tensor.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -254,7 +256,351 @@ static void attend(const float* q, int64_t ldq, int64_t rows, const float* K, co
   }
 }
 
-static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, prepare_x_bf16, gemv_bf16, bf16_to_f32, rmsnorm_row, silu_mul_row, attend,
+// --- quantized weights (tensor.h: Q8, Q4) -----------------------------------------------------------------------
+
+static inline float h2f(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  uint32_t u;
+  if (e == 0x1f) u = sign | 0x7f800000u | (m << 13);
+  else if (e) u = sign | ((e + 112) << 23) | (m << 13);
+  else if (!m) u = sign;
+  else {  // subnormal: m * 2^-24
+    float f = float(m) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+constexpr int kG = int(kQuantGroup);
+
+#if defined(__AVX2__)
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+static void quantize_x(const float* x, int64_t k, int8_t* qx, float* sx, float* xsum) {
+  const int64_t groups = quant_groups(k);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i0 + i]));
+    const float step = amax / 127.0f, inv = step > 0.0f ? 1.0f / step : 0.0f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < kG; ++i) {
+      const int8_t q = i < n ? int8_t(std::nearbyint(x[i0 + i] * inv)) : int8_t(0);
+      qx[i0 + i] = q;
+      sum += q;
+    }
+    sx[g] = step;
+    xsum[g] = step * float(sum);
+  }
+}
+
+// --- quantizing weights (at load) ---------------------------------------------------------------------------------
+
+static inline float round_even(float v) {  // to nearest even for |v| < 2^22, without a libm call
+  const float magic = 12582912.0f;         // 1.5 * 2^23
+  return (v + magic) - magic;
+}
+static inline float sum8(const float* s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
+
+// A float16 into 2 bytes; false when it does not fit (then nothing sensible can be stored).
+static inline bool put_f16(uint8_t* p, float v) {
+  const uint16_t h = f32_to_f16(v);
+  std::memcpy(p, &h, 2);
+  return (h & 0x7c00u) != 0x7c00u;
+}
+static inline float get_f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return h2f(h);
+}
+
+static bool quantize_q8_group(const float* v, uint8_t* scale, int8_t* out) {
+  float am[8] = {};
+  for (int b = 0; b < kG; b += 8)
+    for (int j = 0; j < 8; ++j) {
+      const float a = std::fabs(v[b + j]);
+      am[j] = a > am[j] ? a : am[j];
+    }
+  float amax = am[0];
+  for (int j = 1; j < 8; ++j) amax = am[j] > amax ? am[j] : amax;
+  // The stored (float16) step is the one used to round, so the levels match what is dequantized.
+  if (!put_f16(scale, amax / 127.0f)) return false;
+  const float step = get_f16(scale), inv = step > 0.0f ? 1.0f / step : 0.0f;
+  for (int i = 0; i < kG; ++i) {
+    float q = round_even(v[i] * inv);
+    q = q < -127.0f ? -127.0f : q;
+    q = q > 127.0f ? 127.0f : q;
+    out[i] = int8_t(int(q));
+  }
+  return true;
+}
+
+// Levels of v for step candidates around range / 15, each refined by least squares (the best step d and offset m
+// for its levels); the candidate with the smallest squared error wins. The error comes from the sums alone:
+// sum (d l + m - v)^2 = d^2 Sll + 2 d m Sl + n m^2 - 2 d Slv - 2 m Sv + Svv.
+static bool quantize_q4_group(const float* v, uint8_t* d_out, uint8_t* m_out, uint8_t* out) {
+  alignas(32) float lo[8], hi[8], sv[8] = {}, svv[8] = {};
+#if defined(__AVX2__)
+  {
+    __m256 l8 = _mm256_loadu_ps(v), h8 = l8, s8 = _mm256_setzero_ps(), ss8 = s8;
+    for (int b = 0; b < kG; b += 8) {
+      const __m256 x = _mm256_loadu_ps(v + b);
+      l8 = _mm256_min_ps(l8, x);
+      h8 = _mm256_max_ps(h8, x);
+      s8 = _mm256_add_ps(s8, x);
+      ss8 = _mm256_fmadd_ps(x, x, ss8);
+    }
+    _mm256_store_ps(lo, l8);
+    _mm256_store_ps(hi, h8);
+    _mm256_store_ps(sv, s8);
+    _mm256_store_ps(svv, ss8);
+  }
+#else
+  for (int j = 0; j < 8; ++j) lo[j] = hi[j] = v[j];
+  for (int b = 0; b < kG; b += 8)
+    for (int j = 0; j < 8; ++j) {
+      lo[j] = v[b + j] < lo[j] ? v[b + j] : lo[j];
+      hi[j] = v[b + j] > hi[j] ? v[b + j] : hi[j];
+      sv[j] += v[b + j];
+      svv[j] += v[b + j] * v[b + j];
+    }
+#endif
+  float mn = lo[0], mx = hi[0];
+  for (int j = 1; j < 8; ++j) {
+    mn = lo[j] < mn ? lo[j] : mn;
+    mx = hi[j] > mx ? hi[j] : mx;
+  }
+  const float Sv = sum8(sv), Svv = sum8(svv), n = float(kG);
+  float best_d = 0.0f, best_m = mn, best_err = 3.4e38f;
+  if (mx > mn) {
+    const float inv_range = 1.0f / (mx - mn);
+    for (float levels : {15.0f, 14.5f, 15.5f, 14.0f}) {
+      const float iscale = levels * inv_range;
+      alignas(32) float sl[8] = {}, sll[8] = {}, slv[8] = {};
+#if defined(__AVX2__)  // the same sums, explicitly vectorised (the compiler leaves this loop scalar)
+      const __m256 is = _mm256_set1_ps(iscale), lo_v = _mm256_set1_ps(mn), top = _mm256_set1_ps(15.0f);
+      __m256 al = _mm256_setzero_ps(), all = al, alv = al;
+      for (int b = 0; b < kG; b += 8) {
+        const __m256 x = _mm256_loadu_ps(v + b);
+        __m256 q = _mm256_round_ps(_mm256_mul_ps(is, _mm256_sub_ps(x, lo_v)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), top);
+        al = _mm256_add_ps(al, q);
+        all = _mm256_fmadd_ps(q, q, all);
+        alv = _mm256_fmadd_ps(q, x, alv);
+      }
+      _mm256_store_ps(sl, al);
+      _mm256_store_ps(sll, all);
+      _mm256_store_ps(slv, alv);
+#else
+      for (int b = 0; b < kG; b += 8)
+        for (int j = 0; j < 8; ++j) {
+          float q = round_even(iscale * (v[b + j] - mn));
+          q = q < 0.0f ? 0.0f : q;
+          q = q > 15.0f ? 15.0f : q;
+          sl[j] += q;
+          sll[j] += q * q;
+          slv[j] += q * v[b + j];
+        }
+#endif
+      const float Sl = sum8(sl), Sll = sum8(sll), Slv = sum8(slv);
+      const float det = n * Sll - Sl * Sl;
+      if (det <= 0.0f) continue;
+      const float inv_det = 1.0f / det;
+      const float d = (n * Slv - Sl * Sv) * inv_det, m = (Sll * Sv - Sl * Slv) * inv_det;
+      const float err = d * d * Sll + 2 * d * m * Sl + n * m * m - 2 * d * Slv - 2 * m * Sv + Svv;
+      if (err < best_err) {
+        best_err = err;
+        best_d = d;
+        best_m = m;
+      }
+    }
+  }
+  // Store the float16 step and offset, then the levels nearest to each value under exactly those.
+  if (!put_f16(d_out, best_d) || !put_f16(m_out, best_m)) return false;
+  const float d = get_f16(d_out), m = get_f16(m_out), inv = d != 0.0f ? 1.0f / d : 0.0f;
+#if defined(__AVX2__)
+  __m256i q[4];
+  for (int b = 0; b < 4; ++b) {
+    __m256 x = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + 8 * b), _mm256_set1_ps(m)),
+                                             _mm256_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q[b] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(x, _mm256_setzero_ps()), _mm256_set1_ps(15.0f)));
+  }
+  // values i and i + 16 share byte i: (q[0..1] | q[2..3] << 4), then 32-bit lanes down to bytes
+  const __m256i a = _mm256_or_si256(q[0], _mm256_slli_epi32(q[2], 4)), c = _mm256_or_si256(q[1], _mm256_slli_epi32(q[3], 4));
+  const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, c), 0xd8);  // 16 x u16 in order
+  const __m128i b8 = _mm_packus_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), b8);
+#else
+  float l[kG];
+  for (int i = 0; i < kG; ++i) {
+    float q = round_even((v[i] - m) * inv);
+    q = q < 0.0f ? 0.0f : q;
+    l[i] = q > 15.0f ? 15.0f : q;
+  }
+  for (int i = 0; i < kG / 2; ++i) out[i] = uint8_t(int(l[i]) | (int(l[i + kG / 2]) << 4));
+#endif
+  return true;
+}
+
+// Row `lane` of the block at `block` (tensor.h's layout) from k floats; false when a scale overflows float16.
+static bool quantize_row(Format f, const float* x, int64_t k, uint8_t* block, int lane) {
+  const int64_t bb = kQuantRows * (f == Format::Q8 ? 2 + kG : 4 + kG / 2);
+  float v[kG];
+  for (int64_t g = 0; g < quant_groups(k); ++g) {
+    const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
+    for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i0 + i] : 0.0f;
+    uint8_t* p = block + g * bb;
+    const bool ok = f == Format::Q8
+                        ? quantize_q8_group(v, p + 2 * lane, reinterpret_cast<int8_t*>(p + kQuantRows * 2 + kG * lane))
+                        : quantize_q4_group(v, p + 2 * lane, p + kQuantRows * 2 + 2 * lane,
+                                            p + kQuantRows * 4 + (kG / 2) * lane);
+    if (!ok) return false;
+  }
+  return true;
+}
+
+// One row of a Q8 / Q4 matrix as floats: row `lane` of the block starting at `block` (tensor.h's layout).
+static void dequant_q8(const uint8_t* block, int lane, int64_t k, float* out) {
+  constexpr int64_t bb = kQuantRows * (2 + kG);
+  for (int64_t g = 0; g < quant_groups(k); ++g) {
+    const uint8_t* p = block + g * bb;
+    uint16_t h;
+    std::memcpy(&h, p + 2 * lane, 2);
+    const float d = h2f(h);
+    const int8_t* q = reinterpret_cast<const int8_t*>(p + kQuantRows * 2 + kG * lane);
+    const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
+    for (int64_t i = 0; i < n; ++i) out[i0 + i] = d * float(q[i]);
+  }
+}
+
+static void dequant_q4(const uint8_t* block, int lane, int64_t k, float* out) {
+  constexpr int64_t bb = kQuantRows * (4 + kG / 2);
+  for (int64_t g = 0; g < quant_groups(k); ++g) {
+    const uint8_t* p = block + g * bb;
+    uint16_t hd, hm;
+    std::memcpy(&hd, p + 2 * lane, 2);
+    std::memcpy(&hm, p + kQuantRows * 2 + 2 * lane, 2);
+    const float d = h2f(hd), m = h2f(hm);
+    const uint8_t* q = p + kQuantRows * 4 + (kG / 2) * lane;
+    const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
+    for (int64_t i = 0; i < n; ++i) out[i0 + i] = d * float(i < kG / 2 ? (q[i] & 15) : (q[i - kG / 2] >> 4)) + m;
+  }
+}
+
+// The rows r0 .. r1-1 (r0 a multiple of kQuantRows) of a quantized matmul, a block of kQuantRows rows at a time:
+// `block_dot(base, sums)` adds the block's 4 dot products to sums[4]; rows of the last block past r1 are padding.
+template <class BlockDot>
+static void for_blocks(int64_t r0, int64_t r1, float* y, const float* bias, bool accumulate, BlockDot&& block_dot) {
+  for (int64_t r = r0; r < r1; r += kQuantRows) {
+    float sums[kQuantRows] = {};
+    block_dot(r / kQuantRows, sums);
+    for (int64_t j = 0; j < kQuantRows && r + j < r1; ++j) finish_row(y, r + j, sums[j], bias, accumulate);
+  }
+}
+
+// y[r] = sum over groups of d_r,g * sx_g * <levels of row r, levels of x> (+ bias, += y).
+static void gemv_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, float* y, const float* bias,
+                    bool accumulate, int64_t r0, int64_t r1) {
+  constexpr int64_t bb = kQuantRows * (2 + kG);
+  for_blocks(r0, r1, y, bias, accumulate, [&](int64_t b, float* sums) {
+    const uint8_t* base = W + b * groups * bb;
+#if defined(__AVX2__)
+    // |w| (unsigned) times x with w's sign (signed): VPMADDUBSW's operand types; pairs of products fit int16.
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[kQuantRows];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* p = base + g * bb;
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + g * kG));
+      alignas(16) float sc[kQuantRows];
+      _mm_store_ps(sc, _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+                                  _mm_set1_ps(sx[g])));
+      for (int j = 0; j < kQuantRows; ++j) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kQuantRows * 2 + kG * j));
+        const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones)), _mm256_set1_ps(sc[j]), acc[j]);
+      }
+    }
+    for (int j = 0; j < kQuantRows; ++j) sums[j] = hsum256(acc[j]);
+#else
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* p = base + g * bb;
+      for (int j = 0; j < kQuantRows; ++j) {
+        uint16_t h;
+        std::memcpy(&h, p + 2 * j, 2);
+        const int8_t* q = reinterpret_cast<const int8_t*>(p + kQuantRows * 2 + kG * j);
+        int32_t dot = 0;
+        for (int i = 0; i < kG; ++i) dot += int32_t(q[i]) * int32_t(qx[g * kG + i]);
+        sums[j] += float(dot) * (h2f(h) * sx[g]);
+      }
+    }
+#endif
+  });
+}
+
+// The same for Q4, plus the offsets: m_r,g * (sum of x over the group).
+static void gemv_q4(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, const float* xsum, float* y,
+                    const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+  constexpr int64_t bb = kQuantRows * (4 + kG / 2);
+  for_blocks(r0, r1, y, bias, accumulate, [&](int64_t b, float* sums) {
+    const uint8_t* base = W + b * groups * bb;
+#if defined(__AVX2__)
+    // Levels 0..15 are unsigned, x's signed: VPMADDUBSW as it is.
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
+    __m256 acc[kQuantRows];
+    __m128 macc = _mm_setzero_ps();
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* p = base + g * bb;
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + g * kG));
+      alignas(16) float sc[kQuantRows];
+      _mm_store_ps(sc, _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+                                  _mm_set1_ps(sx[g])));
+      macc = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))),
+                          _mm_set1_ps(xsum[g]), macc);
+      for (int j = 0; j < kQuantRows; ++j) {
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 + 16 * j));
+        const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
+        const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
+        acc[j] = _mm256_fmadd_ps(s, _mm256_set1_ps(sc[j]), acc[j]);
+      }
+    }
+    alignas(16) float m[kQuantRows];
+    _mm_store_ps(m, macc);
+    for (int j = 0; j < kQuantRows; ++j) sums[j] = hsum256(acc[j]) + m[j];
+#else
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* p = base + g * bb;
+      for (int j = 0; j < kQuantRows; ++j) {
+        uint16_t hd, hm;
+        std::memcpy(&hd, p + 2 * j, 2);
+        std::memcpy(&hm, p + kQuantRows * 2 + 2 * j, 2);
+        const uint8_t* q = p + kQuantRows * 4 + (kG / 2) * j;
+        int32_t dot = 0;
+        for (int i = 0; i < kG / 2; ++i)
+          dot += int32_t(q[i] & 15) * qx[g * kG + i] + int32_t(q[i] >> 4) * qx[g * kG + i + kG / 2];
+        sums[j] += float(dot) * (h2f(hd) * sx[g]) + h2f(hm) * xsum[g];
+      }
+    }
+#endif
+  });
+}
+
+static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, prepare_x_bf16, gemv_bf16, bf16_to_f32, rmsnorm_row,
+                                    silu_mul_row, attend, quantize_row, quantize_x, gemv_q8, gemv_q4, dequant_q8,
+                                    dequant_q4,
                                     nullptr, nullptr};
 
 }  // namespace QWEN_KERNELS_NS
