@@ -17,6 +17,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union, overload
 
+import numpy as np
+
 from . import _core  # the compiled extension (types: _core.pyi)
 from .chat import ChatTokenizer, Message
 from .checkpoint import check_tensors, checkpoint_dtype, tensor_table
@@ -24,6 +26,7 @@ from .config import GenerationDefaults, Qwen2Config, load_config, load_generatio
 from .errors import ConfigError
 from .generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from .hub import ModelFiles, resolve
+from .sampling import SamplingParams
 from .scheduler import Outcome, Request, Scheduler
 
 __all__ = ["Model", "GenerationResult", "GenerationStream", "GenerationOptions", "load", "generate",
@@ -36,7 +39,10 @@ Prompt = Union[str, Sequence[Message]]
 PathLike = Union[str, "os.PathLike[str]"]
 
 _DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+           "bfloat16": "bfloat16", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
+# Quantized dtypes keep the tensors that quantization hurts most one step wider: the embedding (and the lm_head,
+# often the same matrix) in int8 when the rest is int4, as llama.cpp's _M mixes keep theirs wider.
+_WIDER = {"int4": {"model.embed_tokens.weight": "int8", "lm_head.weight": "int8"}}
 
 
 @dataclass
@@ -132,7 +138,8 @@ def _normalize_dtype(dtype: Optional[str]) -> Optional[str]:
         if dtype.strip().lower() in ("float16", "f16", "fp16", "half"):
             raise ValueError("dtype=\"float16\" is not supported; use \"bfloat16\" or \"float32\" (float16 "
                              "checkpoints are converted to float32 on the CPU)")
-        raise ValueError(f"dtype must be \"bfloat16\" or \"float32\" (or None for automatic), got {dtype!r}")
+        raise ValueError(f"dtype must be \"bfloat16\", \"float32\", \"int8\" or \"int4\" (or None for automatic), "
+                         f"got {dtype!r}")
     return d
 
 
@@ -183,8 +190,9 @@ class Model:
         self.eos_token_ids: Tuple[int, ...] = eos
         # Read once: the native model refuses even property reads while the scheduler computes.
         self._max_context = int(core.max_context)
-        self._max_batch = int(core.num_slots)
-        self._scheduler = Scheduler(core, tokenizer)
+        self._max_batch = int(core.num_slots) - 1  # the last slot is logits()'s
+        self._scheduler = Scheduler(core, tokenizer, scoring_slot=True)
+        self._scheduler_params = SamplingParams()  # scoring requests sample nothing
         # A model dropped without close() still stops its scheduler thread (which holds the core, not the model).
         weakref.finalize(self, self._scheduler.close)
 
@@ -234,6 +242,33 @@ class Model:
         self.core.close()
 
     # -- generation -------------------------------------------------------------------------------------------------
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """The float32 logits of every position of `ids` (a list of token ids), shape (len(ids), vocab_size),
+        computed from an empty cache in a slot of its own: the generation cache is not touched. For evaluation
+        (perplexity, KL divergence between dtypes)."""
+        if self.closed:
+            raise RuntimeError("this model has been closed")
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+            raise TypeError(f"ids must be a sequence of token ids, got {type(ids).__name__}")
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+            raise ValueError("ids must be a non-empty 1-D sequence of integer token ids")
+        if arr.size > self.max_context:
+            raise ValueError(f"{arr.size} ids do not fit in the context of {self.max_context} tokens (max_context)")
+        if int(arr.min()) < 0 or int(arr.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        request = Request([int(t) for t in arr], self._scheduler_params, None, 1, (), frozenset(), False,
+                          time.perf_counter(), score=True)
+        self._scheduler.submit(request)
+        try:
+            out = request.wait()
+        except BaseException:
+            request.cancel()
+            raise
+        assert out.logits is not None
+        return out.logits
+
 
     @overload
     def generate(self, prompt: Prompt, options: Optional[GenerationOptions] = None, *,
@@ -292,7 +327,9 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
 
     `dtype` None picks: on the CPU the checkpoint's own dtype when it is bfloat16 (weights stay bf16, sums in
     float32; prompt matmuls take bf16-rounded inputs where the CPU has AVX512-BF16), else float32; on CUDA
-    bfloat16. "float32" is float32 throughout. `max_context` is the KV cache size of a sequence in tokens (None
+    bfloat16. "float32" is float32 throughout. "int8" and "int4" (CPU) quantize the weights at load, in groups of
+    32 with float16 scales (8.5 and 5 bits per weight; with int4 the embedding and lm_head stay int8); activations
+    stay float32. `max_context` is the KV cache size of a sequence in tokens (None
     or 0: min(max_position_embeddings, 4096)); `max_batch` how many sequences run at once, each with its own KV
     cache (None: 4); `num_threads` the CPU threads (None or 0: all this process may use). `local_files_only`
     (default: HF_HUB_OFFLINE) never touches the network."""
@@ -322,8 +359,14 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
             dt = "bfloat16" if checkpoint_dtype(table) == "BF16" else "float32"
         else:
             dt = "bfloat16"
+    if dt in ("int8", "int4") and device != "cpu":
+        raise ValueError(f"dtype=\"{dt}\" runs on the CPU for now; on {device} use dtype=\"bfloat16\"")
+    present = {entry[0] for entry in table}
+    wider = {name: f for name, f in _WIDER.get(dt, {}).items() if name in present}
+    # One KV slot per sequence, plus one for Model.logits, which never touches the generation slots.
     core = _core.Model(config.to_core_dict(), table, dtype=dt, device=device, max_context=max_context or 0,
-                       num_threads=num_threads or 0, num_slots=max_batch or DEFAULT_MAX_BATCH)
+                       num_threads=num_threads or 0, num_slots=(max_batch or DEFAULT_MAX_BATCH) + 1,
+                       weight_formats=wider)
     name = files.repo_id or os.fspath(model)
     return Model(core, config, gen, tokenizer, files=files, name=name, load_s=time.perf_counter() - t0)
 

@@ -59,6 +59,7 @@ class Outcome:
     decode_s: float
     ttft_s: float
     total_s: float
+    logits: Optional[np.ndarray] = None  # a scoring request's (prompt_tokens, vocab) float32 logits
 
 
 class Request:
@@ -66,8 +67,11 @@ class Request:
     for the outcome (``wait``), and may ``cancel``; the scheduler thread does everything else."""
 
     def __init__(self, ids: List[int], params: SamplingParams, seed: Optional[int], max_new_tokens: int,
-                 stops: Sequence[str], eos: FrozenSet[int], stream: bool, t0: float):
+                 stops: Sequence[str], eos: FrozenSet[int], stream: bool, t0: float, score: bool = False):
         self.ids = ids
+        # A scoring request generates nothing: it wants the logits of every prompt position, computed from an empty
+        # cache in the scheduler's own scoring slot (the generation slots are left as they are).
+        self.score = score
         self.params = params
         self.seed = seed
         self.max_new_tokens = max_new_tokens
@@ -137,6 +141,7 @@ class _Sequence:
         self.sampler = Sampler(request.params, request.seed)
         self.fast_greedy = request.params.greedy and request.params.repetition_penalty == 1.0
         self.finish_reason: Optional[str] = None
+        self.scores: List[np.ndarray] = []  # a scoring request's logits so far
         self.feed: List[int] = []      # what it feeds the next pass (plan)
         self.proposal: List[int] = []  # the proposed ids among them
         self.logits = 0                # how many of its last rows need logits
@@ -155,7 +160,10 @@ class _Sequence:
         if self.prefilling:
             self.feed = self.tokens[self.fed:min(len(self.request.ids), self.fed + PREFILL_CHUNK)]
             self.proposal = []
-            self.logits = 1 if self.fed + len(self.feed) == len(self.request.ids) else 0
+            if self.request.score:
+                self.logits = len(self.feed)
+            else:
+                self.logits = 1 if self.fed + len(self.feed) == len(self.request.ids) else 0
             return
         self.proposal = []
         if self.request.proposer is not None and self.request.params.greedy:
@@ -168,6 +176,12 @@ class _Sequence:
         if self.fast_greedy:
             return int(logits_or_id) if np.ndim(logits_or_id) == 0 else int(np.argmax(logits_or_id))
         return self.sampler(logits_or_id, np.asarray(self.tokens, dtype=np.int64), inplace=True)
+
+    def take_scores(self, rows: np.ndarray) -> None:
+        """After a pass of a scoring request: keep its rows of logits; done once the whole prompt ran."""
+        self.scores.append(np.asarray(rows, dtype=np.float32))
+        if not self.prefilling:
+            self.finish_reason = "scored"
 
     def take(self, rows: Any) -> Tuple[str, int]:
         """After a pass: the rows of logits (or argmax ids) this sequence asked for. Picks the next id from each
@@ -206,7 +220,8 @@ class _Sequence:
                        prompt_tokens=len(r.ids), cached_tokens=self.cached, prefill_s=self.prefill_s,
                        decode_tokens=max(0, len(self.generated) - 1), decode_passes=self.decode_steps,
                        decode_s=self.decode_s, ttft_s=self.ttft_s,
-                       total_s=time.perf_counter() - r.t0)
+                       total_s=time.perf_counter() - r.t0,
+                       logits=np.concatenate(self.scores) if self.scores else None)
 
 
 _LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
@@ -223,7 +238,8 @@ def _stop_all() -> None:
 class Scheduler:
     """Runs the requests of one native model (``core``, with ``core.num_slots`` KV cache slots)."""
 
-    def __init__(self, core: Any, tokenizer: Any):
+    def __init__(self, core: Any, tokenizer: Any, scoring_slot: bool = False):
+        """`scoring_slot`: the core's last slot serves scoring requests only (the others generation only)."""
         self.core = core
         self.tokenizer = tokenizer
         self._lock = threading.Lock()
@@ -232,6 +248,7 @@ class Scheduler:
         self._active: List[_Sequence] = []
         self._slots = [_Slot() for _ in range(int(core.num_slots))]
         self._max_context = int(core.max_context)
+        self._scoring = len(self._slots) - 1 if scoring_slot else None
         self._in_flight: List[Request] = []  # the requests of the pass running now
         self._thread: Optional[threading.Thread] = None
         self._closed = False
@@ -323,11 +340,16 @@ class Scheduler:
         """(Under the lock.) Drop cancelled sequences, then give free slots to waiting requests in order."""
         for s in [s for s in self._active if s.request.cancelled]:
             self._release(s)
-        while self._waiting:
-            free = [i for i, sl in enumerate(self._slots) if not sl.busy]
+        # In order within each kind; a request that has to wait does not hold up the other kind.
+        blocked = set()
+        for r in list(self._waiting):
+            if r.score in blocked:
+                continue
+            free = [i for i, sl in enumerate(self._slots) if not sl.busy and (i == self._scoring) == r.score]
             if not free:
-                return
-            r = self._waiting.popleft()
+                blocked.add(r.score)
+                continue
+            self._waiting.remove(r)
             try:
                 self._active.append(self._place(r, free))
             except BaseException as e:  # the core refused (or a test's stand-in raised): this request ends
@@ -337,8 +359,8 @@ class Scheduler:
         """(Under the lock.) The free slot with the longest cached prefix of r's prompt (least recently used
         among equals), truncated to that prefix."""
         self._resync(free)  # the core may have been used directly (tests, benchmarks)
-        # At least the last prompt id is computed, for its logits.
-        reuse = {i: min(common_prefix(self._slots[i].ids, r.ids), len(r.ids) - 1) for i in free}
+        # At least the last prompt id is computed, for its logits; a scoring request computes every one.
+        reuse = {i: 0 if r.score else min(common_prefix(self._slots[i].ids, r.ids), len(r.ids) - 1) for i in free}
         i = max(free, key=lambda j: (reuse[j], -self._slots[j].used))
         slot = self._slots[i]
         if len(slot.ids) > reuse[i]:
@@ -386,7 +408,7 @@ class Scheduler:
             ids += s.feed
             logit_rows += range(len(ids) - s.logits, len(ids))
         wants = [s for s in batch if s.logits]
-        argmax = all(s.fast_greedy for s in wants)
+        argmax = all(s.fast_greedy and not s.request.score for s in wants)
         t = time.perf_counter()
         try:
             out = self.core.forward(slots, ids, positions, logit_rows=logit_rows, argmax=argmax)
@@ -409,6 +431,11 @@ class Scheduler:
         done: List[Tuple[_Sequence, str, Optional[BaseException]]] = []
         row = 0
         for s in wants:
+            if s.request.score:
+                s.take_scores(out[row:row + s.logits])
+                row += s.logits
+                done.append((s, "", None))
+                continue
             try:
                 first = not s.generated
                 piece, rejected = s.take(out[row:row + s.logits])
