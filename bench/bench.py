@@ -36,6 +36,7 @@ import gguf_info  # noqa: E402
 
 TTFT_TOKENS = 32
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+OUR_DTYPES = ("float32", "bfloat16", "int8", "int4")  # the quantized ones are ours only (no transformers peer)
 
 
 # --------------------------------------------------------------------------------------------- model arithmetic
@@ -232,6 +233,8 @@ def plan_engines(args, dtypes: List[str]) -> List[Dict[str, Any]]:
         plan.append({"engine": "ours", "kind": "ours", "dtype": dt})
         for label, python in also:  # another build of ours (e.g. the commit before a change) in the same run
             plan.append({"engine": f"ours-{label}", "kind": "ours", "dtype": dt, "python": python})
+        if dt not in DTYPE_BYTES:  # int8 / int4: llama.cpp's quantized GGUFs are the peers
+            continue
         for p in peers:
             if p == "transformers":
                 if cuda:
@@ -352,7 +355,7 @@ def summarize(res: Dict[str, Any], e: Dict[str, Any], cfg, N: int, M: int, bandw
     # repeats that disagree by more than 15% of their median: something else was using the machine
     res["noisy"] = [k for k in ("prefill_s", "ttft_s", "decode_s")
                     if len(res[k]) > 1 and (max(res[k]) - min(res[k])) > 0.15 * med(res[k])]
-    bpt = e.get("bytes_per_token")
+    bpt = e.get("bytes_per_token") or res.get("decode_bytes")  # GGUF tensor sizes, or our build's own count
     if bpt is None and e.get("dtype") in DTYPE_BYTES:
         bpt = bytes_per_token(cfg, e["dtype"])
     res["bytes_per_token"] = bpt
@@ -430,7 +433,7 @@ def parse_args(argv=None):
     ap.add_argument("--model", required=True, help="Hugging Face model directory (or repo id)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--dtype", default=None,
-                    help="float32, bfloat16 or both comma-separated (default: float32 on cpu, bfloat16 on cuda)")
+                    help="float32, bfloat16, int8, int4, comma-separated (default: float32 on cpu, bfloat16 on cuda)")
     ap.add_argument("--threads", type=int, default=None, help="threads for every engine (default: usable CPUs)")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default 512)")
     ap.add_argument("--gen-tokens", type=int, default=128, help="greedy tokens decoded (default 128)")
@@ -469,8 +472,8 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda")
     dtypes = [d.strip() for d in (args.dtype or ("bfloat16" if cuda else "float32")).split(",") if d.strip()]
     for d in dtypes:
-        if d not in DTYPE_BYTES:
-            raise SystemExit(f"--dtype {d!r}: expected float32 or bfloat16")
+        if d not in OUR_DTYPES:
+            raise SystemExit(f"--dtype {d!r}: expected float32, bfloat16, int8 or int4")
         if cuda and d != "bfloat16":
             raise SystemExit("--device cuda runs in bfloat16 (our CUDA backend is bf16-only)")
     try:
@@ -551,7 +554,7 @@ def main(argv=None) -> int:
             print(f"{label}: {e['plan_error']}")
             continue
         job = {"engine": e["engine"], "kind": e["kind"], "model": model_dir, "gguf": e.get("gguf"),
-               "dtype": e["dtype"] if e["dtype"] in DTYPE_BYTES else dtypes[0], "device": args.device,
+               "dtype": e["dtype"] if e["dtype"] in OUR_DTYPES else dtypes[0], "device": args.device,
                "threads": threads, "prompt_ids": prompt_ids, "short_ids": short_ids, "gen_tokens": M,
                "repeats": args.repeats, "max_context": max_context, "attn": e.get("attn"),
                "compile": e.get("compile", False), "warmup_decode": 8 if e.get("compile") else 3}
@@ -614,12 +617,18 @@ def main(argv=None) -> int:
 
 def same_class(peer_dtype: Optional[str], ours_dtype: str) -> bool:
     """Which peers ours in `ours_dtype` is compared with in the summary: the same dtype; for GGUF files, F32 beside
-    float32 and everything narrower (F16, BF16, quantised) beside bfloat16."""
+    float32, F16/BF16 beside bfloat16, 8-bit types (Q8_0) beside int8 and narrower ones (Q4_0, Q4_K_M, ...)
+    beside int4."""
     if peer_dtype == ours_dtype:
         return True
-    if peer_dtype and peer_dtype.startswith("gguf "):
-        return (peer_dtype == "gguf F32") == (ours_dtype == "float32")
-    return False
+    if not (peer_dtype and peer_dtype.startswith("gguf ")):
+        return False
+    kind = peer_dtype[5:]
+    if kind == "F32":
+        return ours_dtype == "float32"
+    if kind in ("F16", "BF16"):
+        return ours_dtype == "bfloat16"
+    return ours_dtype == ("int8" if kind.startswith("Q8") else "int4")
 
 
 def summary_lines(rows, meta, bandwidth, cuda) -> List[str]:
@@ -654,8 +663,8 @@ def summary_lines(rows, meta, bandwidth, cuda) -> List[str]:
         if peak and not cuda:
             s += f" = {r['prefill_gflops'] / peak * 100:.0f}% of the sgemm peak {peak:.0f} GFLOP/s"
         s += f"; TTFT {fmt(r['ttft_s_median'] * 1e3)} ms; load {fmt(r['load_s_median'])} s ({r.get('load_via')})"
-        if not cuda and r.get("peak_rss_bytes"):
-            w = meta["weights_in_memory_bytes"][d]
+        w = meta["weights_in_memory_bytes"].get(d) or r.get("weight_bytes")  # quantized: the build's own count
+        if not cuda and r.get("peak_rss_bytes") and w:
             s += f"; peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB = {r['peak_rss_bytes'] / w:.2f}× the weights"
         s += f"; backend {r.get('backend')}, _core built {r.get('core_so_built')}"
         out.append(s)

@@ -251,7 +251,9 @@ class Ours:
         built = None
         if so and os.path.exists(so):
             built = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(os.path.getmtime(so)))
+        streamed = getattr(self.core, "decode_bytes", None)  # this build's own count of its stored bytes
         return {"backend": self.core.backend, "load_via": self.load_via, "core_so": so, "core_so_built": built,
+                "decode_bytes": streamed, "weight_bytes": getattr(self.core, "weight_bytes", None),
                 "version": f"qwen_native {qwen_native.__version__}",
                 "build": dict(_core.build_info()) if hasattr(_core, "build_info") else None}
 

@@ -315,6 +315,8 @@ class PyModel {
   int64_t vocab_size() { Guard g(this); return model_->config().vocab_size; }
   std::string backend_name() { Guard g(this); return backend_->name(); }
   std::string weight_format() { Guard g(this); return model_->weight_format(); }
+  int64_t decode_bytes() { Guard g(this); return model_->decode_bytes(); }
+  int64_t weight_bytes() { Guard g(this); return model_->weight_bytes(); }
   const std::string& dtype() const { return dtype_; }
   const std::string& device() const { return device_; }
   int num_threads() const { return threads_; }
@@ -390,6 +392,9 @@ concurrent call raises RuntimeError), except interrupt() and closed.
       .def_property_readonly("vocab_size", &PyModel::vocab_size)
       .def_property_readonly("backend", &PyModel::backend_name)
       .def_property_readonly("weight_format", &PyModel::weight_format)
+      .def_property_readonly("decode_bytes", &PyModel::decode_bytes,
+                             "Bytes of weights one decoded token reads, as stored (the decode roofline's numerator).")
+      .def_property_readonly("weight_bytes", &PyModel::weight_bytes, "Bytes of every parameter, as stored.")
       .def_property_readonly("dtype", &PyModel::dtype)
       .def_property_readonly("device", &PyModel::device)
       .def_property_readonly("num_threads", &PyModel::num_threads)

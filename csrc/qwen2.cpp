@@ -89,6 +89,22 @@ std::string Qwen2Model::weight_format() const {
   return format_name(all[0]->format);
 }
 
+int64_t Qwen2Model::decode_bytes() const {
+  auto bytes = [](const Weight& w) { return format_bytes(w.format, w.rows(), w.cols()); };
+  int64_t n = bytes(lm_head_);
+  for (const Layer& L : layers_) n += bytes(L.qkv) + bytes(L.o_proj) + bytes(L.gate_up) + bytes(L.down_proj);
+  return n;
+}
+
+int64_t Qwen2Model::weight_bytes() const {
+  auto bytes = [](const Weight& w) { return format_bytes(w.format, w.rows(), w.cols()); };
+  int64_t n = bytes(embed_tokens_) + bytes(norm_) + (lm_head_.data.data == embed_tokens_.data.data ? 0 : bytes(lm_head_));
+  for (const Layer& L : layers_)
+    n += bytes(L.input_layernorm) + bytes(L.qkv) + bytes(L.qkv_bias) + bytes(L.o_proj) +
+         bytes(L.post_attention_layernorm) + bytes(L.gate_up) + bytes(L.down_proj);
+  return n;
+}
+
 // Matches the checkpoint's tensors to the parameters config.json implies, then reserves, allocates and reads them.
 void Qwen2Model::load(const std::vector<TensorSource>& tensors, const WeightFormats& formats, CacheShape cache) {
   const Qwen2Config& c = cfg_;

@@ -41,8 +41,13 @@ class Qwen2Model {
   int64_t max_positions() const { return max_positions_; }
   const Qwen2Config& config() const { return cfg_; }
   Backend& backend() { return backend_; }
-  // "float32", "bfloat16" or "mixed" (some matrices in one format, some in another).
+  // "float32", "bfloat16", "int8", "int4" or "mixed" (some matrices in one format, some in another).
   std::string weight_format() const;
+  // Bytes of the matrices one decoded token reads, in their stored formats: every layer's projections and the
+  // lm_head (the embedding gather, norms and biases are a few kilobytes).
+  int64_t decode_bytes() const;
+  // Bytes of every parameter as stored (a tied lm_head once).
+  int64_t weight_bytes() const;
 
   // Called between layers; may throw to abandon the pass (Ctrl-C). The cache lengths are then unchanged.
   std::function<void()> interrupt_check;

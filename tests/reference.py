@@ -27,8 +27,8 @@ def _rotate_half(x: np.ndarray) -> np.ndarray:
 
 
 def quantize_inputs(x: np.ndarray) -> np.ndarray:
-    """What the quantized one-row matmuls multiply instead of x (float32 rows): each group of 32 rounded to int8
-    levels of step max|x| / 127 (nearest even), times that step."""
+    """What the quantized matmuls multiply instead of x (float32 rows): each group of 32 rounded to int8 levels of
+    step max|x| / 127 (nearest even), times that step."""
     x = np.asarray(x, dtype=np.float32)
     n, k = x.shape
     pad = -k % 32
@@ -42,8 +42,7 @@ def quantize_inputs(x: np.ndarray) -> np.ndarray:
 def reference_logits(weights: Dict[str, np.ndarray], cfg: dict, ids: Sequence[int], quantized: Sequence[str] = (),
                      quantized_rows: Sequence[int] = ()) -> np.ndarray:
     """Logits (T, vocab) in float64 for token ids at positions 0..T-1. The inputs of the matmuls with the weights
-    named in `quantized` are rounded by quantize_inputs in the rows `quantized_rows` (the rows our engine runs as
-    one-row passes)."""
+    named in `quantized` are rounded by quantize_inputs in the rows `quantized_rows`."""
     W = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
     qrows = np.asarray(sorted(quantized_rows), dtype=np.int64)
 

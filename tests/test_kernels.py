@@ -70,8 +70,7 @@ def test_matmul_kernels(isa):
                 x = bf16_round(x)  # batched passes feed the bf16 dot-product GEMM bf16 inputs
         elif case["dtype"] in ("int8", "int4"):
             w = np.asarray(case["wq"], dtype=np.float32)  # dequantized (tests/test_quant.py checks the format)
-            if case["T"] == 1:
-                x = quantize_inputs(x)  # one-row passes: integer dot products of the int8-rounded input
+            x = quantize_inputs(x)  # integer dot products of the int8-rounded inputs
         ref = x.astype(np.float64) @ w.astype(np.float64).T
         for name, expect in (("plain", ref), ("biased", ref + b), ("acc", ref + o)):
             got = np.asarray(case[name])

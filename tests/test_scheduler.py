@@ -181,3 +181,45 @@ def test_verifying_proposals_keeps_the_greedy_tokens(tiny_dir, alone):
             passes[name] = out.decode_passes
             assert out.decode_tokens == len(expected) - 1
         assert passes["right"] < passes["half"] < passes["none"] == passes["wrong"] == len(expected) - 1
+
+
+def test_logits_of_every_position(tiny_dir, alone):
+    """Model.logits: every position's float32 logits from an empty cache, in a slot of its own: the numpy
+    reference's, and the generation cache is left as it was (the next chat turn still reuses its prefix)."""
+    import json
+
+    import numpy as np
+    from fixtures import random_weights
+    from reference import reference_logits, rel_err
+
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    w = random_weights(cfg, seed=0, tied=cfg["tie_word_embeddings"])
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=1) as m:
+        conv = [{"role": "user", "content": "Tell me a story"}]
+        r1 = m.generate(conv, max_new_tokens=6, **GREEDY)
+        ids = m.tokenizer.prompt_ids("Where is the sea", chat_template=False)
+        got = m.logits(ids)
+        assert got.shape == (len(ids), cfg["vocab_size"]) and got.dtype == np.float32
+        assert rel_err(got, reference_logits(w, cfg, ids)) < 1e-4
+        np.testing.assert_array_equal(m.logits(np.array(ids)), got)  # again, from an empty cache again
+        conv2 = conv + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "And then?"}]
+        assert m.generate(conv2, max_new_tokens=3, **GREEDY).cached_tokens >= r1.prompt_tokens - 1
+        for bad, exc in (([], ValueError), ("abc", TypeError), ([cfg["vocab_size"]], ValueError), ([-1], ValueError),
+                         ([1.5], ValueError), (list(range(10)) * 100, ValueError)):
+            with pytest.raises(exc):
+                m.logits(bad)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_dtypes_generate(tiny_model_dir, dtype):
+    """load(dtype="int8"/"int4") quantizes at load and generates through the same queue; int4 keeps the
+    embedding int8. (The formats and their forward passes are checked in tests/test_quant.py.)"""
+    d = tiny_model_dir(tie_word_embeddings=False, hidden_size=64, intermediate_size=96)
+    with qwen_native.load(d, dtype=dtype, num_threads=1) as m:
+        assert m.dtype == dtype
+        assert m.core.weight_format == ("int8" if dtype == "int8" else "mixed")
+        r = m.generate("Tell me a story", max_new_tokens=8, **GREEDY)
+        assert len(r.token_ids) == 8
+        s = "".join(m.generate("Tell me a story", max_new_tokens=8, stream=True, **GREEDY))
+        assert s == r.text
+        assert m.logits(r.token_ids).shape == (8, m.config.vocab_size)

@@ -499,107 +499,133 @@ static void dequant_q4(const uint8_t* block, int lane, int64_t k, float* out) {
   }
 }
 
-// The rows r0 .. r1-1 (r0 a multiple of kQuantRows) of a quantized matmul, a block of kQuantRows rows at a time:
-// `block_dot(base, sums)` adds the block's 4 dot products to sums[4]; rows of the last block past r1 are padding.
-template <class BlockDot>
-static void for_blocks(int64_t r0, int64_t r1, float* y, const float* bias, bool accumulate, BlockDot&& block_dot) {
+// Quantized matmuls: T input rows (each quantized to int8 levels qx with steps sx and level sums xsum, row
+// strides groups*32 and groups) times weight rows r0 .. r1-1 (r0 a multiple of kQuantRows), a block of 4 weight
+// rows at a time, two inputs at a time. Every (input, weight row) sum is accumulated group by group in the same
+// order whatever T is, so a row's result does not depend on how many rows are in the pass: a prompt, a decode
+// step and a verified proposal compute the same numbers for the same row.
+template <class Acc>
+static void quant_matmul(int64_t groups, int64_t T, float* y, int64_t ldy, const float* bias, bool accumulate,
+                         int64_t r0, int64_t r1, Acc&& block_dot) {
   for (int64_t r = r0; r < r1; r += kQuantRows) {
-    float sums[kQuantRows] = {};
-    block_dot(r / kQuantRows, sums);
-    for (int64_t j = 0; j < kQuantRows && r + j < r1; ++j) finish_row(y, r + j, sums[j], bias, accumulate);
+    for (int64_t t = 0; t < T; t += 2) {
+      const int nt = t + 1 < T ? 2 : 1;
+      float sums[2][kQuantRows] = {};
+      block_dot(r / kQuantRows, t, nt, sums);
+      for (int i = 0; i < nt; ++i)
+        for (int64_t j = 0; j < kQuantRows && r + j < r1; ++j)
+          finish_row(y + (t + i) * ldy, r + j, sums[i][j], bias, accumulate);
+    }
   }
 }
 
-// y[r] = sum over groups of d_r,g * sx_g * <levels of row r, levels of x> (+ bias, += y).
-static void gemv_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, float* y, const float* bias,
-                    bool accumulate, int64_t r0, int64_t r1) {
+// Q8: y[t, r] = sum over groups of d_r,g * sx_t,g * <levels of row r, levels of input t> (+ bias, += y).
+static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, int64_t T, float* y,
+                    int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
   constexpr int64_t bb = kQuantRows * (2 + kG);
-  for_blocks(r0, r1, y, bias, accumulate, [&](int64_t b, float* sums) {
+  quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, int nt, float (*sums)[kQuantRows]) {
     const uint8_t* base = W + b * groups * bb;
 #if defined(__AVX2__)
     // |w| (unsigned) times x with w's sign (signed): VPMADDUBSW's operand types; pairs of products fit int16.
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[kQuantRows];
-    for (auto& a : acc) a = _mm256_setzero_ps();
+    __m256 acc[2][kQuantRows];
+    for (auto& row : acc)
+      for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + g * kG));
-      alignas(16) float sc[kQuantRows];
-      _mm_store_ps(sc, _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
-                                  _mm_set1_ps(sx[g])));
-      for (int j = 0; j < kQuantRows; ++j) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kQuantRows * 2 + kG * j));
-        const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones)), _mm256_set1_ps(sc[j]), acc[j]);
+      const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+      __m256i wv[kQuantRows];
+      for (int j = 0; j < kQuantRows; ++j)
+        wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kQuantRows * 2 + kG * j));
+      for (int i = 0; i < nt; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + (t + i) * groups * kG + g * kG));
+        alignas(16) float sc[kQuantRows];
+        _mm_store_ps(sc, _mm_mul_ps(d, _mm_set1_ps(sx[(t + i) * groups + g])));
+        for (int j = 0; j < kQuantRows; ++j) {
+          const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv[j], wv[j]), _mm256_sign_epi8(xv, wv[j]));
+          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones)), _mm256_set1_ps(sc[j]), acc[i][j]);
+        }
       }
     }
-    for (int j = 0; j < kQuantRows; ++j) sums[j] = hsum256(acc[j]);
+    for (int i = 0; i < nt; ++i)
+      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = hsum256(acc[i][j]);
 #else
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* p = base + g * bb;
-      for (int j = 0; j < kQuantRows; ++j) {
-        uint16_t h;
-        std::memcpy(&h, p + 2 * j, 2);
-        const int8_t* q = reinterpret_cast<const int8_t*>(p + kQuantRows * 2 + kG * j);
-        int32_t dot = 0;
-        for (int i = 0; i < kG; ++i) dot += int32_t(q[i]) * int32_t(qx[g * kG + i]);
-        sums[j] += float(dot) * (h2f(h) * sx[g]);
+    for (int i = 0; i < nt; ++i)
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* p = base + g * bb;
+        const int8_t* x = qx + (t + i) * groups * kG + g * kG;
+        for (int j = 0; j < kQuantRows; ++j) {
+          uint16_t h;
+          std::memcpy(&h, p + 2 * j, 2);
+          const int8_t* q = reinterpret_cast<const int8_t*>(p + kQuantRows * 2 + kG * j);
+          int32_t dot = 0;
+          for (int e = 0; e < kG; ++e) dot += int32_t(q[e]) * int32_t(x[e]);
+          sums[i][j] += float(dot) * (h2f(h) * sx[(t + i) * groups + g]);
+        }
       }
-    }
 #endif
   });
 }
 
-// The same for Q4, plus the offsets: m_r,g * (sum of x over the group).
-static void gemv_q4(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, const float* xsum, float* y,
-                    const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+// Q4: the same with levels 0..15, plus the offsets: m_r,g * (sum of input t over the group).
+static void gemm_q4(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, const float* xsum, int64_t T,
+                    float* y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
   constexpr int64_t bb = kQuantRows * (4 + kG / 2);
-  for_blocks(r0, r1, y, bias, accumulate, [&](int64_t b, float* sums) {
+  quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, int nt, float (*sums)[kQuantRows]) {
     const uint8_t* base = W + b * groups * bb;
 #if defined(__AVX2__)
     // Levels 0..15 are unsigned, x's signed: VPMADDUBSW as it is.
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
-    __m256 acc[kQuantRows];
-    __m128 macc = _mm_setzero_ps();
-    for (auto& a : acc) a = _mm256_setzero_ps();
+    __m256 acc[2][kQuantRows];
+    __m128 macc[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+    for (auto& row : acc)
+      for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + g * kG));
-      alignas(16) float sc[kQuantRows];
-      _mm_store_ps(sc, _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
-                                  _mm_set1_ps(sx[g])));
-      macc = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))),
-                          _mm_set1_ps(xsum[g]), macc);
+      const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+      const __m128 m = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+      __m256i wv[kQuantRows];
       for (int j = 0; j < kQuantRows; ++j) {
         const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 + 16 * j));
-        const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
-        const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
-        acc[j] = _mm256_fmadd_ps(s, _mm256_set1_ps(sc[j]), acc[j]);
+        wv[j] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
+      }
+      for (int i = 0; i < nt; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + (t + i) * groups * kG + g * kG));
+        alignas(16) float sc[kQuantRows];
+        _mm_store_ps(sc, _mm_mul_ps(d, _mm_set1_ps(sx[(t + i) * groups + g])));
+        macc[i] = _mm_fmadd_ps(m, _mm_set1_ps(xsum[(t + i) * groups + g]), macc[i]);
+        for (int j = 0; j < kQuantRows; ++j) {
+          const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv[j], xv), ones));
+          acc[i][j] = _mm256_fmadd_ps(sum, _mm256_set1_ps(sc[j]), acc[i][j]);
+        }
       }
     }
-    alignas(16) float m[kQuantRows];
-    _mm_store_ps(m, macc);
-    for (int j = 0; j < kQuantRows; ++j) sums[j] = hsum256(acc[j]) + m[j];
+    for (int i = 0; i < nt; ++i) {
+      alignas(16) float mm[kQuantRows];
+      _mm_store_ps(mm, macc[i]);
+      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = hsum256(acc[i][j]) + mm[j];
+    }
 #else
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* p = base + g * bb;
-      for (int j = 0; j < kQuantRows; ++j) {
-        uint16_t hd, hm;
-        std::memcpy(&hd, p + 2 * j, 2);
-        std::memcpy(&hm, p + kQuantRows * 2 + 2 * j, 2);
-        const uint8_t* q = p + kQuantRows * 4 + (kG / 2) * j;
-        int32_t dot = 0;
-        for (int i = 0; i < kG / 2; ++i)
-          dot += int32_t(q[i] & 15) * qx[g * kG + i] + int32_t(q[i] >> 4) * qx[g * kG + i + kG / 2];
-        sums[j] += float(dot) * (h2f(hd) * sx[g]) + h2f(hm) * xsum[g];
+    for (int i = 0; i < nt; ++i)
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* p = base + g * bb;
+        const int8_t* x = qx + (t + i) * groups * kG + g * kG;
+        for (int j = 0; j < kQuantRows; ++j) {
+          uint16_t hd, hm;
+          std::memcpy(&hd, p + 2 * j, 2);
+          std::memcpy(&hm, p + kQuantRows * 2 + 2 * j, 2);
+          const uint8_t* q = p + kQuantRows * 4 + (kG / 2) * j;
+          int32_t dot = 0;
+          for (int e = 0; e < kG / 2; ++e) dot += int32_t(q[e] & 15) * x[e] + int32_t(q[e] >> 4) * x[e + kG / 2];
+          sums[i][j] += float(dot) * (h2f(hd) * sx[(t + i) * groups + g]) + h2f(hm) * xsum[(t + i) * groups + g];
+        }
       }
-    }
 #endif
   });
 }
 
 static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, prepare_x_bf16, gemv_bf16, bf16_to_f32, rmsnorm_row,
-                                    silu_mul_row, attend, quantize_row, quantize_x, gemv_q8, gemv_q4, dequant_q8,
+                                    silu_mul_row, attend, quantize_row, quantize_x, gemm_q8, gemm_q4, dequant_q8,
                                     dequant_q4,
                                     nullptr, nullptr};
 

@@ -42,7 +42,7 @@ _DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
 # Quantized dtypes keep the tensors that quantization hurts most one step wider: the embedding (and the lm_head,
 # often the same matrix) in int8 when the rest is int4, as llama.cpp's _M mixes keep theirs wider.
-_WIDER = {"int4": {"model.embed_tokens.weight": "int8", "lm_head.weight": "int8"}}
+_WIDER = {"int4": [("model.embed_tokens.weight", "int8"), ("lm_head.weight", "int8")]}
 
 
 @dataclass
@@ -362,7 +362,7 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
     if dt in ("int8", "int4") and device != "cpu":
         raise ValueError(f"dtype=\"{dt}\" runs on the CPU for now; on {device} use dtype=\"bfloat16\"")
     present = {entry[0] for entry in table}
-    wider = {name: f for name, f in _WIDER.get(dt, {}).items() if name in present}
+    wider = {name: f for name, f in _WIDER.get(dt, []) if name in present}
     # One KV slot per sequence, plus one for Model.logits, which never touches the generation slots.
     core = _core.Model(config.to_core_dict(), table, dtype=dt, device=device, max_context=max_context or 0,
                        num_threads=num_threads or 0, num_slots=(max_batch or DEFAULT_MAX_BATCH) + 1,
