@@ -16,7 +16,8 @@ namespace qwen {
 // The rows of one forward pass, as data: row t is token ids[t] of the sequence in KV-cache slot slots[t], at
 // cache position positions[t]. The rows of one slot are consecutive and so are their positions (a "run"), so a
 // pass may hold 5 prompt tokens of slot 0, then one decode token each of slots 2 and 3. The CPU backend computes each
-// run as it would alone (a sequence's results do not depend on what else is in the batch).
+// run as it would alone (a sequence's results do not depend on what else is in the batch), the single rows of
+// several sequences together (the weights read once for all of them).
 struct Rows {
   const int32_t* ids = nullptr;
   const int32_t* slots = nullptr;
@@ -83,6 +84,11 @@ class Backend {
   // out (T, n) = x (T, k) · w (n, k)ᵀ + bias (1, n); with accumulate, out += instead (the residual add). Dispatches
   // on w.format.
   virtual void matmul(const Tensor& out, const Tensor& x, const Weight& w, const Tensor* bias, bool accumulate) = 0;
+  // The same with every row of x computed as a one-row matmul would compute it (decode rows of several sequences,
+  // their logits). A backend reads the weights once for all rows where it can.
+  virtual void matmul_rows(const Tensor& out, const Tensor& x, const Weight& w, const Tensor* bias, bool accumulate) {
+    for (int64_t r = 0; r < x.rows; ++r) matmul(out.slice_rows(r, 1), x.slice_rows(r, 1), w, bias, accumulate);
+  }
   // Rotates q (T, heads*head_dim) and k (T, kv_heads*head_dim) in place, rotate-half layout, row t at position
   // positions[t]. cos, sin: F32 (max_positions, head_dim / 2).
   virtual void rope(const Tensor& q, const Tensor& k, int64_t head_dim, const Tensor& cos, const Tensor& sin) = 0;

@@ -55,7 +55,7 @@ void add_testing_hooks(py::module_& m) {
         "GFLOP/s of the CPU backend's batched matmul (m x k) . (n x k)^T with float32 or bfloat16 weights "
         "(the prefill path), best of `repeats`.");
   m.def("_backend_matmul", [](FloatArray x, FloatArray w, py::object bias, py::object out, const std::string& dtype,
-                              int num_threads) {
+                              int num_threads, bool rows) {
           // For tests: one matmul on a fresh CPU backend, exactly as the model calls it.
           if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) != w.shape(1) || x.shape(0) < 1 || w.shape(0) < 1)
             throw py::value_error("x (T, k) and w (n, k) must be non-empty 2-D arrays with the same k");
@@ -77,12 +77,14 @@ void add_testing_hooks(py::module_& m) {
             if (o.ndim() != 2 || o.shape(0) != T || o.shape(1) != n) throw py::value_error("out must be (T, n)");
             backend->upload(O, 0, o.data(), DType::F32, T * n);
           }
-          backend->matmul(O, X, W, bias.is_none() ? nullptr : &B, accumulate);
+          if (rows) backend->matmul_rows(O, X, W, bias.is_none() ? nullptr : &B, accumulate);
+          else backend->matmul(O, X, W, bias.is_none() ? nullptr : &B, accumulate);
           py::array_t<float> result({T, n});
           backend->download(result.mutable_data(), O);
           return result;
         }, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
-        py::arg("dtype") = "float32", py::arg("num_threads") = 1);
+        py::arg("dtype") = "float32", py::arg("num_threads") = 1, py::arg("rows") = false,
+        "For tests: one matmul on a fresh CPU backend (rows=True: every row as a one-row matmul).");
   m.def("_quantize", [](FloatArray x, const std::string& format) {
           // For tests: rows of x in a quantized format's bytes (tensor.h's layout), as the loader stores them.
           if (x.ndim() != 2 || x.shape(0) < 1 || x.shape(1) < 1) throw py::value_error("x must be a non-empty (n, k) array");

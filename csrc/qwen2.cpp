@@ -250,9 +250,10 @@ void Qwen2Model::run_layers(const KVCache& cache, int64_t T) {
   }
 }
 
-// Final norm of x_'s rows `rows` (ascending, of one run) into head_in_, consecutive rows in one op, then the
-// lm_head over all of them.
-void Qwen2Model::lm_head_rows(const int64_t* rows, int64_t n) {
+// Final norm of x_'s rows `rows` (ascending) into head_in_, consecutive rows in one op, then the lm_head over all of
+// them: as one matmul when they are rows of one sequence, as one-row matmuls (`single`) when each is the only row of
+// its sequence.
+void Qwen2Model::lm_head_rows(const int64_t* rows, int64_t n, bool single) {
   const float eps = float(cfg_.rms_norm_eps);
   for (int64_t j = 0; j < n;) {
     int64_t e = j + 1;
@@ -260,7 +261,8 @@ void Qwen2Model::lm_head_rows(const int64_t* rows, int64_t n) {
     backend_.rmsnorm(head_in_.slice_rows(j, e - j), x_.slice_rows(rows[j], e - j), norm_.data, eps);
     j = e;
   }
-  backend_.matmul(logits_.slice_rows(0, n), head_in_.slice_rows(0, n), lm_head_, nullptr, false);
+  if (single) backend_.matmul_rows(logits_.slice_rows(0, n), head_in_.slice_rows(0, n), lm_head_, nullptr, false);
+  else backend_.matmul(logits_.slice_rows(0, n), head_in_.slice_rows(0, n), lm_head_, nullptr, false);
 }
 
 void Qwen2Model::forward(KVCache& cache, const Rows& rows, const std::vector<int64_t>& logit_rows, float* logits,
@@ -301,17 +303,23 @@ void Qwen2Model::forward(KVCache& cache, const Rows& rows, const std::vector<int
       const int64_t row0 = 0;
       backend_.run_decode_step([&] {
         run_layers(cache, 1);
-        lm_head_rows(&row0, 1);
+        lm_head_rows(&row0, 1, true);
       });
     } else {
       run_layers(cache, n);
     }
-    // The lm_head in blocks of one run's rows (up to kHeadRows), so each sequence's logits are its own.
+    // The lm_head in blocks of up to kHeadRows: rows of one sequence together, or the single rows of several
+    // sequences together; either way each sequence's logits are what it gets alone.
+    auto slot = [&](size_t j) { return chunk.slots[wanted[j]]; };
+    auto alone = [&](size_t j) {  // the only wanted row of its sequence (a sequence's rows are consecutive)
+      return (j == 0 || slot(j - 1) != slot(j)) && (j + 1 == wanted.size() || slot(j + 1) != slot(j));
+    };
     for (size_t j = 0; j < wanted.size();) {
+      const bool single = alone(j);
       size_t e = j + 1;
-      while (e < wanted.size() && int64_t(e - j) < kHeadRows && chunk.slots[wanted[e]] == chunk.slots[wanted[j]]) ++e;
+      while (e < wanted.size() && int64_t(e - j) < kHeadRows && (single ? alone(e) : slot(e) == slot(j))) ++e;
       const int64_t m = int64_t(e - j);
-      if (n > 1) lm_head_rows(wanted.data() + j, m);
+      if (n > 1) lm_head_rows(wanted.data() + j, m, single);
       const size_t out = next + j;
       if (logits) backend_.download(logits + int64_t(out) * V, logits_.slice_rows(0, m));
       if (argmax) backend_.argmax(logits_.slice_rows(0, m), argmax + out);

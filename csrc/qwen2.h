@@ -74,7 +74,7 @@ class Qwen2Model {
   static std::vector<Slot> slots(const Qwen2Config& c, Qwen2Model* m);
   void load(const std::vector<TensorSource>& tensors, const WeightFormats& formats, CacheShape cache);
   void run_layers(const KVCache& cache, int64_t T);  // embed + decoder layers into x_
-  void lm_head_rows(const int64_t* rows, int64_t n);  // final norm + lm_head of x_'s rows `rows` into logits_
+  void lm_head_rows(const int64_t* rows, int64_t n, bool single);  // final norm + lm_head of x_'s rows into logits_
 
   Qwen2Config cfg_;
   Backend& backend_;

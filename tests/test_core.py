@@ -495,3 +495,20 @@ def test_interrupt_from_another_thread_abandons_the_pass(tmp_path):
     timer.join()
     assert m.length == len(IDS)
     assert rel_err(m.decode(NEXT[0]), load(d).prefill(IDS + NEXT[:1])) < TOL  # the cache is as it was
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+def test_decode_rows_of_seventeen_sequences_equal_each_alone(tmp_path, dtype):
+    """One pass holding a decode row of each of 17 sequences (plus a prompt being prefilled beside them) gives every
+    sequence, bit for bit, the logits it gets alone."""
+    d, cfg, _ = checkpoint(tmp_path, disk_dtype="BF16", tie_word_embeddings=False)
+    V = cfg["vocab_size"]
+    prompts = [[(7 * s + 3 * i) % V for i in range(2 + s % 5)] for s in range(17)]
+    m = load(d, dtype=dtype, num_slots=18)
+    m.forward(*rows(*[(s, 0, p) for s, p in enumerate(prompts)]), logit_rows=[])
+    step = [(s, len(p), [(11 * s + 1) % V]) for s, p in enumerate(prompts)] + [(17, 0, IDS)]
+    together = m.forward(*rows(*step))
+    for s, p in enumerate(prompts):
+        alone = load(d, dtype=dtype, num_slots=1)
+        alone.prefill(p)
+        np.testing.assert_array_equal(together[s], alone.decode((11 * s + 1) % V), err_msg=f"sequence {s}")

@@ -119,3 +119,37 @@ def test_the_kernel_set_in_use_is_the_one_selected():
     assert isinstance(feats["model"], str)
     forced = os.environ.get("QWEN_NATIVE_ISA")
     assert _core.isa() == _core.select_isa(feats, forced)
+
+
+ROWS_SCRIPT = r"""
+import json, sys, numpy as np
+from qwen_native import _core
+rng = np.random.default_rng(1)
+out = []
+for n, k in ((37, 97), (64, 1536), (300, 64)):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((17, k)).astype(np.float32)
+    for dtype in ("float32", "bfloat16", "int8", "int4"):
+        for th in (1, 3):
+            batch = _core._backend_matmul(x, w, bias=b, dtype=dtype, num_threads=th, rows=True)
+            alone = np.concatenate([_core._backend_matmul(x[t:t + 1], w, bias=b, dtype=dtype, num_threads=th)
+                                    for t in range(17)])
+            some = _core._backend_matmul(x[:5], w, bias=b, dtype=dtype, num_threads=th, rows=True)
+            out.append(dict(n=n, k=k, dtype=dtype, threads=th, same=bool(np.array_equal(batch, alone)),
+                            prefix=bool(np.array_equal(some, batch[:5]))))
+print(json.dumps(dict(isa=_core.isa(), cases=out)))
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "default"])
+def test_rows_of_several_sequences_equal_each_alone(isa):
+    """The decode rows of several sequences (1..17 of them) in one matmul, reading the weights once: each row bit
+    for bit what a one-row matmul gives, in every format and kernel set."""
+    env = dict(os.environ, QWEN_NATIVE_ISA=isa)
+    res = json.loads(subprocess.run([sys.executable, "-c", ROWS_SCRIPT], env=env, capture_output=True, text=True,
+                                    check=True).stdout)
+    if isa not in ("default", res["isa"]):
+        pytest.skip(f"this CPU cannot run the {isa} kernels (got {res['isa']})")
+    bad = [c for c in res["cases"] if not (c["same"] and c["prefix"])]
+    assert not bad, bad

@@ -64,7 +64,7 @@ void sgemm_nt(int64_t T, int64_t n, int64_t k, const float* x, int64_t ldx, cons
     for (int64_t t = 0; t < T; ++t) {
       float* o = out + t * ldo;
       if (beta == 0.0f) std::fill(o + r0, o + r1, 0.0f);
-      K.gemv_f32(w, ldw, x + t * ldx, k, o, nullptr, true, r0, r1);
+      K.gemv_f32(w, ldw, x + t * ldx, ldx, 1, k, o, 0, nullptr, true, r0, r1);
     }
   }
 #endif
@@ -219,22 +219,56 @@ class CpuBackend final : public Backend {
   }
 
   void matmul(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias, bool accumulate) override {
-    // Each run of the pass on its own (a single row on the GEMV, several on the GEMM), so that a sequence's results
-    // do not depend on what else is in the batch. x has the pass's rows exactly when it has T of them: other
-    // callers (the lm_head) pass rows of one run.
+    // Each run of the pass on its own, so that a sequence's results do not depend on what else is in the batch:
+    // consecutive single rows (decode steps of several sequences) together as one-row matmuls reading the weights
+    // once, a run of several rows on the GEMM. x has the pass's rows exactly when it has T of them: other callers
+    // (the lm_head) pass rows of one run.
     if (runs_.size() > 1 && x.rows == rows_.T) {
-      for (const auto& [r0, n] : runs_)
-        matmul_run(out.slice_rows(r0, n), x.slice_rows(r0, n), weight, bias, accumulate);
+      for (size_t i = 0; i < runs_.size();) {
+        const auto [r0, n] = runs_[i];
+        size_t j = i + 1;
+        if (n == 1)
+          while (j < runs_.size() && runs_[j].second == 1) ++j;
+        const int64_t m = n == 1 ? int64_t(j - i) : n;
+        if (n == 1) matmul_rows(out.slice_rows(r0, m), x.slice_rows(r0, m), weight, bias, accumulate);
+        else matmul_run(out.slice_rows(r0, n), x.slice_rows(r0, n), weight, bias, accumulate);
+        i = j;
+      }
       return;
     }
     matmul_run(out, x, weight, bias, accumulate);
   }
 
- private:
-  void matmul_run(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias, bool accumulate) {
+  void matmul_rows(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias,
+                   bool accumulate) override {
     const Tensor& w = weight.data;
     const int64_t T = x.rows, n = weight.rows(), k = weight.cols();
     const float* b = bias ? bias->ptr<float>() : nullptr;
+    if (is_quantized(weight.format)) return matmul_quantized(out, x, weight, b, accumulate);  // rows independent
+    if (weight.format == Format::BF16) {
+      if (xs_.size() < size_t(T * k)) xs_.resize(size_t(T * k));  // several sequences: grows once
+      for (int64_t t = 0; t < T; ++t) K_.prepare_x_bf16(x.row<float>(t), k, xs_.data() + t * k);
+    }
+    pool_.parallel_for(n, kRowAlign, [&](int64_t r0, int64_t r1, int) {
+      if (weight.format == Format::F32) {
+        K_.gemv_f32(w.ptr<float>(), w.ld, x.ptr<float>(), x.ld, T, k, out.ptr<float>(), out.ld, b, accumulate, r0, r1);
+      } else if (x.ld == k) {
+        K_.gemv_bf16(w.ptr<uint16_t>(), w.ld, x.ptr<float>(), xs_.data(), k, T, k, out.ptr<float>(), out.ld, b,
+                     accumulate, r0, r1);
+      } else {  // inputs with a wider stride than the rearranged copies: one at a time
+        for (int64_t t = 0; t < T; ++t)
+          K_.gemv_bf16(w.ptr<uint16_t>(), w.ld, x.row<float>(t), xs_.data() + t * k, k, 1, k, out.row<float>(t), 0, b,
+                       accumulate, r0, r1);
+      }
+    });
+  }
+
+ private:
+  void matmul_run(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias, bool accumulate) {
+    const Tensor& w = weight.data;
+    const int64_t T = x.rows;
+    const float* b = bias ? bias->ptr<float>() : nullptr;
+    if (T == 1) return matmul_rows(out, x, weight, bias, accumulate);  // bandwidth-bound GEMV
     if (is_quantized(weight.format)) {
       // Runs of up to kIntRows rows (decode steps, verified proposals, short prompts: the same arithmetic for a row
       // whatever their length) on integer dot products, the weights read once; longer ones are compute-bound, and
@@ -242,17 +276,6 @@ class CpuBackend final : public Backend {
       // widened tiles 24 tok/s at 64 rows, 32 at 128, 37 at 256).
       if (T <= kIntRows) return matmul_quantized(out, x, weight, b, accumulate);
       return gemm_widened(out, x, weight, b, accumulate);
-    }
-    if (T == 1) {  // one row: bandwidth-bound GEMV, rows of w split across threads
-      if (weight.format == Format::BF16) K_.prepare_x_bf16(x.ptr<float>(), k, xs_.data());
-      pool_.parallel_for(n, kRowAlign, [&](int64_t r0, int64_t r1, int) {
-        if (weight.format == Format::F32)
-          K_.gemv_f32(w.ptr<float>(), w.ld, x.ptr<float>(), k, out.ptr<float>(), b, accumulate, r0, r1);
-        else
-          K_.gemv_bf16(w.ptr<uint16_t>(), w.ld, x.ptr<float>(), xs_.data(), k, out.ptr<float>(), b, accumulate, r0,
-                       r1);
-      });
-      return;
     }
     if (weight.format == Format::F32) gemm_f32(out, x, w, b, accumulate);
     else if (K_.gemm_bf16_cols) gemm_bf16(out, x, w, b, accumulate);

@@ -12,14 +12,16 @@ namespace qwen {
 
 struct CpuKernels {
   const char* isa;
-  // y[r] = dot(W[r, :k], x) (+ bias[r]) (+ y[r] when accumulate), for rows r in [r0, r1). W row stride ldw.
-  void (*gemv_f32)(const float* W, int64_t ldw, const float* x, int64_t k, float* y, const float* bias,
-                   bool accumulate, int64_t r0, int64_t r1);
-  // The same for bf16 W. `xs` is x rearranged by prepare_x_bf16 (k floats): the vector paths widen bf16 pairs
-  // in place (even elements by a shift, odd ones by a mask), so they want x's even and odd elements apart.
+  // Y[t, r] = dot(W[r, :k], X[t]) (+ bias[r]) (+ Y[t, r] when accumulate), for rows r in [r0, r1) and nx inputs t
+  // (strides ldw, ldx, ldy). Each input's result is what a one-input call gives (the same arithmetic), and W is
+  // read from memory once for all of them.
+  void (*gemv_f32)(const float* W, int64_t ldw, const float* X, int64_t ldx, int64_t nx, int64_t k, float* Y,
+                   int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
+  // The same for bf16 W. XS holds each input rearranged by prepare_x_bf16 (stride ldx): the AVX-512 path widens
+  // bf16 pairs in place (even elements by a shift, odd ones by a mask), so it wants x's even and odd elements apart.
   void (*prepare_x_bf16)(const float* x, int64_t k, float* xs);
-  void (*gemv_bf16)(const uint16_t* W, int64_t ldw, const float* x, const float* xs, int64_t k, float* y,
-                    const float* bias, bool accumulate, int64_t r0, int64_t r1);
+  void (*gemv_bf16)(const uint16_t* W, int64_t ldw, const float* X, const float* XS, int64_t ldx, int64_t nx,
+                    int64_t k, float* Y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
   // dst[i] = float(src[i])
   void (*bf16_to_f32)(const uint16_t* src, float* dst, int64_t n);
   // out = x / sqrt(mean(x^2) + eps) * w

@@ -67,8 +67,8 @@ static inline void finish_row(float* y, int64_t r, float s, const float* bias, b
 
 // Four rows at a time share each load of x; W streams through once. The row dot products are independent
 // accumulator chains, enough to hide FMA latency while memory bandwidth is the limit.
-static void gemv_f32(const float* W, int64_t ldw, const float* x, int64_t k, float* y, const float* bias,
-                     bool accumulate, int64_t r0, int64_t r1) {
+static void gemv_f32_one(const float* W, int64_t ldw, const float* x, int64_t k, float* y, const float* bias,
+                         bool accumulate, int64_t r0, int64_t r1) {
   int64_t r = r0;
 #if defined(__AVX512F__)
   const int64_t kv = k & ~int64_t(15);
@@ -141,8 +141,8 @@ static void prepare_x_bf16(const float* x, int64_t k, float* xs) {
 // AVX-512: a 32-bit lane holding bf16 pair (w[2i], w[2i+1]) is w[2i+1] as f32 once its low half is masked off, and
 // w[2i] once shifted left 16: two cheap in-lane ops per 32 weights, no lane-crossing widening; 8 rows share each x
 // load, every row with its own even/odd accumulators. AVX2: see below.
-static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* x, const float* xs, int64_t k, float* y,
-                      const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+static void gemv_bf16_one(const uint16_t* W, int64_t ldw, const float* x, const float* xs, int64_t k, float* y,
+                          const float* bias, bool accumulate, int64_t r0, int64_t r1) {
   int64_t r = r0;
   [[maybe_unused]] const int64_t kb = kPairBlock > 1 ? k / kPairBlock * kPairBlock : 0;
 #if defined(__AVX512F__)
@@ -202,6 +202,30 @@ static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* x, const floa
     for (int64_t i = 0; i < k; ++i) s += bf16f(w[i]) * x[i];
     finish_row(y, r, s, bias, accumulate);
   }
+}
+
+// Several input rows (decode steps of several sequences): each row exactly as the one-row kernel computes it alone,
+// the weight rows taken in slices that stay in cache while every input passes over them, so the weights are read
+// from memory once for all inputs. Slices are multiples of 16 rows from r0, so every weight row falls in the same
+// group of rows (vector body or scalar tail) as in a one-row call.
+static int64_t cached_slice(int64_t row_bytes) {
+  return std::max<int64_t>(16, (int64_t(64) << 10) / std::max<int64_t>(row_bytes, 1) / 16 * 16);
+}
+
+static void gemv_f32(const float* W, int64_t ldw, const float* X, int64_t ldx, int64_t nx, int64_t k, float* Y,
+                     int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+  const int64_t step = nx == 1 ? r1 - r0 : cached_slice(k * 4);
+  for (int64_t s = r0; s < r1; s += step)
+    for (int64_t t = 0; t < nx; ++t)
+      gemv_f32_one(W, ldw, X + t * ldx, k, Y + t * ldy, bias, accumulate, s, std::min(r1, s + step));
+}
+
+static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* X, const float* XS, int64_t ldx, int64_t nx,
+                      int64_t k, float* Y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+  const int64_t step = nx == 1 ? r1 - r0 : cached_slice(k * 2);
+  for (int64_t s = r0; s < r1; s += step)
+    for (int64_t t = 0; t < nx; ++t)
+      gemv_bf16_one(W, ldw, X + t * ldx, XS + t * ldx, k, Y + t * ldy, bias, accumulate, s, std::min(r1, s + step));
 }
 
 static void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {

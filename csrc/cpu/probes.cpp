@@ -39,7 +39,7 @@ double measure_read_bandwidth(int64_t nbytes, int threads, int repeats) {
   for (int r = 0; r < std::max(1, repeats) + 1; ++r) {
     const double t0 = now_s();
     pool.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) {
-      K.gemv_f32(static_cast<const float*>(p), k, x.data(), k, y.data(), nullptr, false, r0, r1);
+      K.gemv_f32(static_cast<const float*>(p), k, x.data(), k, 1, k, y.data(), 0, nullptr, false, r0, r1);
     });
     const double dt = now_s() - t0;
     if (r > 0) best = std::max(best, double(bytes) / dt / 1e9);  // first pass warms up
