@@ -36,7 +36,6 @@ from hypothesis import strategies as st
 
 import qwen_native
 from conftest import build_model_dir
-from fixtures import make_config
 from qwen_native import _core
 from qwen_native.chat import ChatTokenizer, render_template
 from qwen_native.checkpoint import check_tensors, index_shards, read_header, read_index, tensor_table

@@ -211,6 +211,27 @@ def test_default_dtype(tiny_model_dir):
         assert m.dtype == "bfloat16"
 
 
+def test_default_max_batch(tiny_model_dir, monkeypatch):
+    """Half the memory left after the weights, in KV slots of max_context positions, between 1 and 16."""
+    d = tiny_model_dir()
+    with qwen_native.load(d, num_threads=1) as m:
+        assert m.max_batch == engine.DEFAULT_MAX_BATCH == 16  # tiny slots: the cap
+    cfg = qwen_native.config.load_config(str(d) + "/config.json")
+    table = qwen_native.checkpoint.tensor_table([str(d) + "/model.safetensors"])
+    slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 100 * 4
+    weights = sum(int(np.prod(e[3])) * 4 for e in table)  # float32
+    for free_slots, expect in ((2 * 5 + 1, 5), (1, 1), (0, 1), (2 * 40, 16)):
+        monkeypatch.setattr(engine, "_available_memory", lambda: weights + free_slots * slot)
+        assert engine.default_max_batch(cfg, table, "cpu", "float32", 100) == expect, free_slots
+    # 1.5B at 4K on a 24 GiB machine (about 22 GiB free): 16
+    big = qwen_native.config.Qwen2Config(**{**cfg.__dict__, "num_hidden_layers": 28, "num_key_value_heads": 2,
+                                            "head_dim": 128, "max_position_embeddings": 32768})
+    monkeypatch.setattr(engine, "_available_memory", lambda: 22 << 30)
+    assert engine.default_max_batch(big, [("w", "", "BF16", (1_540_000_000 // 2, 2), 0, 0)], "cpu", "bfloat16",
+                                    None) == 16
+    assert engine.default_max_batch(cfg, table, "cuda", "bfloat16", None) == 16
+
+
 def test_context_limits(model_dir):
     d = model_dir()
     ctx = 90

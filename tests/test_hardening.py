@@ -23,7 +23,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from typing import Any, Callable, Dict, List, Tuple
@@ -33,7 +32,6 @@ import pytest
 
 import qwen_native
 from conftest import build_model_dir, make_hf_cache
-from qwen_native import _core
 from qwen_native.errors import CheckpointError, ConfigError, ModelNotFoundError, TemplateError
 
 GREEDY = dict(do_sample=False, repetition_penalty=1.0)

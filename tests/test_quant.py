@@ -6,7 +6,6 @@ int8-quantized inputs) against the numpy reference model run on the same dequant
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np

@@ -223,3 +223,53 @@ def test_quantized_dtypes_generate(tiny_model_dir, dtype):
         s = "".join(m.generate("Tell me a story", max_new_tokens=8, stream=True, **GREEDY))
         assert s == r.text
         assert m.logits(r.token_ids).shape == (8, m.config.vocab_size)
+
+
+def test_logprobs_of_generated_tokens(tiny_dir, alone):
+    """logprobs=True: each generated token's log-probability and top alternatives, the log-softmax of the model's
+    logits (after the temperature when sampling) at that step, computed here from Model.logits; the tokens are
+    the same as without."""
+    import numpy as np
+
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1) as m:
+        prompt, kw = job(0)  # greedy
+        r = m.generate(prompt, logprobs=True, top_logprobs=3, **kw)
+        assert r.token_ids == alone[0].token_ids and len(r.logprobs) == len(r.token_ids)
+        ids = m.tokenizer.prompt_ids(prompt, chat_template=False)
+        logits = m.logits(ids + r.token_ids[:-1]).astype(np.float64)[len(ids) - 1:]
+        ref = logits - logits.max(axis=1, keepdims=True)
+        ref -= np.log(np.exp(ref).sum(axis=1, keepdims=True))
+        for i, lp in enumerate(r.logprobs):
+            assert lp.token_id == r.token_ids[i] and abs(lp.logprob - ref[i, lp.token_id]) < 1e-4
+            assert [t[0] for t in lp.top] == list(np.argsort(-ref[i], kind="stable")[:3])
+            assert all(abs(t[2] - ref[i, t[0]]) < 1e-4 for t in lp.top)
+            assert lp.bytes.decode("utf-8", "replace") == lp.token or not lp.token.isprintable()
+        sampled = m.generate(prompt, logprobs=True, **dict(kw, do_sample=True, temperature=0.5, seed=1))
+        assert all(x.logprob <= 0 for x in sampled.logprobs) and all(x.top == () for x in sampled.logprobs)
+        with pytest.raises(ValueError, match="top_logprobs"):
+            m.generate(prompt, top_logprobs=2)
+        with pytest.raises(ValueError, match="top_logprobs"):
+            m.generate(prompt, logprobs=True, top_logprobs=21)
+
+
+def test_presence_and_frequency_penalties(tiny_model):
+    """OpenAI's penalties lower the logits of generated tokens: with a strong one no token repeats."""
+    base = tiny_model.generate("Tell me a story", max_new_tokens=24, chat_template=False, **GREEDY)
+    r = tiny_model.generate("Tell me a story", max_new_tokens=24, chat_template=False, presence_penalty=2.0,
+                            frequency_penalty=2.0, **GREEDY)
+    assert len(set(r.token_ids)) > len(set(base.token_ids)) or len(set(r.token_ids)) == len(r.token_ids)
+    with pytest.raises(ValueError, match="presence_penalty"):
+        tiny_model.generate("hi", presence_penalty=3)
+
+
+def test_generate_batch_returns_results_in_order(tiny_dir, alone):
+    """A list of prompts through the queue at once (more than the slots): the results in order, each what it
+    gets alone."""
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=3) as m:
+        prompts = [job(i)[0] for i in range(8)]
+        rs = m.generate_batch(prompts, max_new_tokens=12, chat_template=False, **GREEDY)
+        for i, r in enumerate(rs):
+            alone_r = m.generate(prompts[i], max_new_tokens=12, chat_template=False, **GREEDY)
+            assert r.token_ids == alone_r.token_ids
+        with pytest.raises(TypeError, match="list of prompts"):
+            m.generate_batch("one prompt")

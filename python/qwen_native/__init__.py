@@ -10,7 +10,8 @@
 from ._version import __version__
 from .engine import (DEFAULT_MODEL, GenerationOptions, GenerationResult, GenerationStream, Model, clear_model_cache,
                      generate, load)
-from .errors import (CheckpointError, ConfigError, ModelNotFoundError, QwenNativeError, TemplateError)
+from .errors import (CheckpointError, ConfigError, ContextLengthError, ModelNotFoundError, QwenNativeError,
+                     TemplateError)
 
 __all__ = [
     "__version__",
@@ -26,5 +27,6 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "TemplateError",
+    "ContextLengthError",
     "ModelNotFoundError",
 ]

@@ -308,6 +308,17 @@ class ChatTokenizer:
     def id_to_token(self, token_id: int) -> Optional[str]:
         return self.backend.id_to_token(int(token_id))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (byte-level BPE: its vocabulary string mapped back through the byte
+        alphabet; a special token: its text in UTF-8)."""
+        tok = self.backend.id_to_token(int(token_id))
+        if tok is None:
+            return b""
+        table = _byte_decoder()
+        if all(c in table for c in tok) and int(token_id) not in self.special_ids:
+            return bytes(table[c] for c in tok)
+        return tok.encode("utf-8")
+
     def stream(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
         """A fresh :class:`IncrementalDecoder` over this tokenizer."""
         return IncrementalDecoder(self.backend, skip_special_tokens=skip_special_tokens)
@@ -345,6 +356,24 @@ class ChatTokenizer:
             messages = prompt
         messages = normalize_messages(messages, system)
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+_BYTE_DECODER: Dict[str, int] = {}
+
+
+def _byte_decoder() -> Dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): the 188 printable bytes stand for themselves, the other 68 for the
+    characters from U+0100 up, in byte order."""
+    if not _BYTE_DECODER:
+        printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+        n = 0
+        for b in range(256):
+            if b in printable:
+                _BYTE_DECODER[chr(b)] = b
+            else:
+                _BYTE_DECODER[chr(256 + n)] = b
+                n += 1
+    return _BYTE_DECODER
 
 
 def _template_from_config(cfg: Mapping[str, Any]) -> Optional[str]:

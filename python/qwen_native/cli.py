@@ -96,10 +96,57 @@ def _err(message: str) -> None:
     sys.stderr.flush()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``qwen-native`` command; returns the exit status."""
+def build_serve_parser() -> argparse.ArgumentParser:
+    from . import DEFAULT_MODEL
+    from .engine import DEFAULT_MAX_BATCH
+
+    p = _Parser(prog=f"{PROG} serve", description="Serve a model over an OpenAI-compatible HTTP API "
+                                                   "(needs pip install \"qwen-native[server]\").")
+    p.add_argument("--model", "--model-id", dest="model", default=DEFAULT_MODEL,
+                   help=f"Hub repo id or local model directory (default {DEFAULT_MODEL})")
+    p.add_argument("--revision", help="Hub branch, tag or commit (default main)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_nonneg_int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", help="bfloat16, float32, int8 or int4 (default: the checkpoint's on CPU)")
+    p.add_argument("--max-batch", type=_positive_int, default=None,
+                   help="sequences generated at once, each in its own KV cache slot (default: as many as half the "
+                        f"free memory holds, at most {DEFAULT_MAX_BATCH})")
+    p.add_argument("--max-context", type=_positive_int, default=None,
+                   help="tokens of a sequence (prompt + answer); default min(max_position_embeddings, 4096)")
+    p.add_argument("--max-queue", type=_nonneg_int, default=None,
+                   help="requests that may wait for a slot; more get HTTP 429 (default 64)")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/ requests")
+    p.add_argument("--threads", type=_nonneg_int, default=None, help="CPU threads (default: all usable)")
+    p.add_argument("--local-files-only", action="store_true", help="never download; use the local HF cache only")
+    return p
+
+
+def _serve(argv: List[str]) -> int:
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        args = build_serve_parser().parse_args(argv)
+    except _ArgError as e:
+        _err(f"{_one_line(e)} (see {PROG} serve --help)")
+        return 2
+    try:
+        from . import server
+    except ImportError as e:
+        _err(_one_line(e))
+        return 1
+    kw = {} if args.max_queue is None else {"max_queue": args.max_queue}
+    return server.serve(_model_name(args.model), host=args.host, port=args.port, api_key=args.api_key,
+                        revision=args.revision, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                        max_context=args.max_context, num_threads=args.threads,
+                        local_files_only=True if args.local_files_only else None, **kw)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``qwen-native`` command (``qwen-native serve ...`` serves); returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args[:1] == ["serve"]:
+            return _serve(args[1:])
+        return _main(args)
     except KeyboardInterrupt:
         sys.stdout.flush()
         sys.stderr.write("\n")

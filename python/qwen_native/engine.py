@@ -24,7 +24,7 @@ from .chat import ChatTokenizer, Message
 from .checkpoint import check_tensors, checkpoint_dtype, tensor_table
 from .config import GenerationDefaults, Qwen2Config, load_config, load_generation_config
 from .errors import ConfigError
-from .generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
+from .generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, TokenLogprob
 from .hub import ModelFiles, resolve
 from .sampling import SamplingParams
 from .scheduler import Outcome, Request, Scheduler
@@ -33,7 +33,8 @@ __all__ = ["Model", "GenerationResult", "GenerationStream", "GenerationOptions",
            "clear_model_cache", "DEFAULT_MODEL", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_MAX_BATCH"]
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
-DEFAULT_MAX_BATCH = 4  # sequences at once (KV cache slots) unless load() is told otherwise
+DEFAULT_MAX_BATCH = 16  # the most sequences at once (KV cache slots) that load() picks by itself
+_STORED_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32, "int4": 20 / 32}  # per weight, with scales
 
 Prompt = Union[str, Sequence[Message]]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -70,6 +71,7 @@ class GenerationResult:
     ttft_s: float
     total_s: float
     stop_string: Optional[str] = None
+    logprobs: Optional[List[TokenLogprob]] = None  # with logprobs=True: one per generated token
 
     def __str__(self) -> str:
         return self.text
@@ -81,7 +83,7 @@ class GenerationResult:
                    cached_tokens=o.cached_tokens, prefill_tokens=prefill_n, prefill_s=o.prefill_s,
                    prefill_tok_s=prefill_n / o.prefill_s if o.prefill_s > 0 else 0.0, decode_tokens=o.decode_tokens,
                    decode_s=o.decode_s, decode_tok_s=o.decode_tokens / o.decode_s if o.decode_s > 0 else 0.0,
-                   ttft_s=o.ttft_s, total_s=o.total_s, stop_string=o.stop_string)
+                   ttft_s=o.ttft_s, total_s=o.total_s, stop_string=o.stop_string, logprobs=o.logprobs)
 
 
 class GenerationStream(Iterator[str]):
@@ -103,18 +105,19 @@ class GenerationStream(Iterator[str]):
         return self
 
     def __next__(self) -> str:
-        if self._closed:
-            raise StopIteration
-        try:
-            piece = self._request.next_piece()
-        except BaseException:
-            self._request.cancel()  # Ctrl-C while waiting, or the generation failed
-            raise
-        if piece is None:
-            if self._request.outcome is not None and self.result is None:
-                self.result = GenerationResult._of(self._request.outcome)
-            raise StopIteration
-        return piece
+        while not self._closed:
+            try:
+                piece = self._request.next_piece()
+            except BaseException:
+                self._request.cancel()  # Ctrl-C while waiting, or the generation failed
+                raise
+            if piece is None:
+                if self._request.outcome is not None and self.result is None:
+                    self.result = GenerationResult._of(self._request.outcome)
+                break
+            if piece.text:  # a step may complete no character yet
+                return piece.text
+        raise StopIteration
 
     def close(self) -> None:
         """Stop generating; the model is free of this call at once. Nothing more comes from the stream."""
@@ -293,18 +296,9 @@ class Model:
         Returns a :class:`GenerationResult`, or with ``stream=True`` a :class:`GenerationStream` of text pieces.
         Raises ValueError / TypeError naming a bad argument, and ValueError when the prompt plus
         ``max_new_tokens`` does not fit in ``max_context``."""
-        t0 = time.perf_counter()
         if not isinstance(stream, bool):
             raise TypeError(f"stream must be True or False, got {stream!r}")
-        if self.closed:
-            raise RuntimeError("this model has been closed")
-        opts = GenerationOptions.from_kwargs(options, **kwargs)
-        params = opts.sampling(self.generation_config)
-        ids = self.tokenizer.prompt_ids(prompt, system=opts.system, chat_template=opts.chat_template)
-        max_new = opts.max_new(self.generation_config, len(ids), self.max_context)
-        request = Request(ids, params, None if opts.seed is None else int(opts.seed), max_new,
-                          opts.stop or (), frozenset(self.eos_token_ids), stream, t0)
-        self._scheduler.submit(request)
+        request = self._submit(prompt, GenerationOptions.from_kwargs(options, **kwargs), stream=stream)
         if stream:
             return GenerationStream(self, request)
         try:
@@ -313,9 +307,67 @@ class Model:
             request.cancel()  # Ctrl-C while waiting: the generation stops too
             raise
 
+    def generate_batch(self, prompts: Sequence[Prompt], options: Optional[GenerationOptions] = None,
+                       **kwargs: Any) -> List[GenerationResult]:
+        """Generate a reply to every prompt of a list (strings or message lists), all through the model's queue at
+        once (up to ``max_batch`` running together), for offline jobs; the results in the order of the prompts.
+        The options are those of :meth:`generate` and apply to every prompt."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
+        opts = GenerationOptions.from_kwargs(options, **kwargs)
+        requests: List[Request] = []
+        try:
+            for p in prompts:  # every prompt checked and queued before any result is awaited
+                requests.append(self._submit(p, opts, stream=False))
+            return [GenerationResult._of(r.wait()) for r in requests]
+        except BaseException:
+            for r in requests:
+                r.cancel()
+            raise
+
+    def _submit(self, prompt: Prompt, opts: GenerationOptions, *, stream: bool, seed_offset: int = 0) -> Request:
+        """Check, tokenize and queue one generation (the server calls this too)."""
+        t0 = time.perf_counter()
+        if self.closed:
+            raise RuntimeError("this model has been closed")
+        params = opts.sampling(self.generation_config)
+        ids = self.tokenizer.prompt_ids(prompt, system=opts.system, chat_template=opts.chat_template)
+        max_new = opts.max_new(self.generation_config, len(ids), self.max_context)
+        request = Request(ids, params, None if opts.seed is None else int(opts.seed) + seed_offset, max_new,
+                          opts.stop or (), frozenset(self.eos_token_ids), stream, t0,
+                          logprobs=opts.top_logprobs if opts.logprobs else None)
+        self._scheduler.submit(request)
+        return request
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading and the module-level generate()
+
+
+def _available_memory() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_max_batch(config: Any, table: Sequence[Any], device: str, dtype: str,
+                      max_context: Optional[int]) -> int:
+    """The sequences a model runs at once when load() is not told: as many KV cache slots of `max_context` positions
+    as half the memory left after the weights holds, between 1 and DEFAULT_MAX_BATCH (16: the 1.5B at 4K context
+    on a 24 GiB machine gets 16). CUDA, whose free memory the Python layer cannot see, gets DEFAULT_MAX_BATCH; the
+    core's memory check at load still names what does not fit."""
+    avail = _available_memory() if device == "cpu" else None
+    if avail is None:
+        return DEFAULT_MAX_BATCH
+    ctx = max_context or min(config.max_position_embeddings, 4096)
+    slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * ctx * 4  # float32 K and V
+    weights = sum(int(np.prod(e[3])) * (_STORED_BYTES[dtype] if len(e[3]) == 2 else 4.0) for e in table)
+    return max(1, min(DEFAULT_MAX_BATCH, int((avail - weights) / 2 // slot)))
 
 
 def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu", dtype: Optional[str] = None,
@@ -329,10 +381,10 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
     float32; prompt matmuls take bf16-rounded inputs where the CPU has AVX512-BF16), else float32; on CUDA
     bfloat16. "float32" is float32 throughout. "int8" and "int4" (CPU) quantize the weights at load, in groups of
     32 with float16 scales (8.5 and 5 bits per weight; with int4 the embedding and lm_head stay int8); activations
-    stay float32. `max_context` is the KV cache size of a sequence in tokens (None
-    or 0: min(max_position_embeddings, 4096)); `max_batch` how many sequences run at once, each with its own KV
-    cache (None: 4); `num_threads` the CPU threads (None or 0: all this process may use). `local_files_only`
-    (default: HF_HUB_OFFLINE) never touches the network."""
+    stay float32. `max_context` is the KV cache size of a sequence in tokens (None or 0:
+    min(max_position_embeddings, 4096)); `max_batch` how many sequences run at once, each with its own KV cache
+    (None: sized by :func:`default_max_batch`); `num_threads` the CPU threads (None or 0: all this process may
+    use). `local_files_only` (default: HF_HUB_OFFLINE) never touches the network."""
     t0 = time.perf_counter()
     device = _check_device(device)
     dt = _normalize_dtype(dtype)
@@ -361,11 +413,13 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
             dt = "bfloat16"
     if dt in ("int8", "int4") and device != "cpu":
         raise ValueError(f"dtype=\"{dt}\" runs on the CPU for now; on {device} use dtype=\"bfloat16\"")
+    if max_batch is None:
+        max_batch = default_max_batch(config, table, device, dt, max_context)
     present = {entry[0] for entry in table}
     wider = {name: f for name, f in _WIDER.get(dt, []) if name in present}
     # One KV slot per sequence, plus one for Model.logits, which never touches the generation slots.
     core = _core.Model(config.to_core_dict(), table, dtype=dt, device=device, max_context=max_context or 0,
-                       num_threads=num_threads or 0, num_slots=(max_batch or DEFAULT_MAX_BATCH) + 1,
+                       num_threads=num_threads or 0, num_slots=max_batch + 1,
                        weight_formats=wider)
     name = files.repo_id or os.fspath(model)
     return Model(core, config, gen, tokenizer, files=files, name=name, load_s=time.perf_counter() - t0)

@@ -24,3 +24,7 @@ class TemplateError(QwenNativeError, ValueError):
 class ModelNotFoundError(QwenNativeError, FileNotFoundError):
     """The model could not be found: no such local directory, no such Hub repository, revision or file, or the
     files are not in the local cache while offline."""
+
+
+class ContextLengthError(QwenNativeError, ValueError):
+    """The prompt, or the prompt plus max_new_tokens, does not fit in the model's context (max_context)."""

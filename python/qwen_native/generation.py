@@ -12,9 +12,10 @@ from typing import Any, FrozenSet, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .config import GenerationDefaults
+from .errors import ContextLengthError
 from .sampling import SamplingParams, check_sampling_args
 
-__all__ = ["GenerationOptions", "TextAssembler", "StopScanner"]
+__all__ = ["GenerationOptions", "TextAssembler", "StopScanner", "TokenLogprob", "Piece"]
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -30,7 +31,11 @@ class GenerationOptions:
       transformers' order and meaning; ``repeat_last_n`` > 0 applies the repetition penalty to the last n ids only.
     - ``do_sample``: sample (True) or pick the most likely token (False). None: sample when ``temperature`` > 0 is
       passed, else as generation_config.json says; ``temperature=0`` is greedy.
+    - ``presence_penalty``, ``frequency_penalty``: OpenAI's, in [-2, 2]: a generated token's logit is lowered by
+      the first once it has appeared, by the second per appearance.
     - ``seed``: makes sampling repeatable.
+    - ``logprobs``: report each generated token's log-probability (log-softmax of the logits after the penalties
+      and the temperature, before top-k / top-p / min-p) and ``top_logprobs`` (0-20) alternatives with theirs.
     - ``stop``: a string or list of strings; the text ends before the first one generated.
     - ``system``: a system message put before a string or message-list prompt; ``chat_template=False`` uses a
       string prompt as raw text instead of rendering the chat template."""
@@ -42,8 +47,12 @@ class GenerationOptions:
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
     repeat_last_n: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     do_sample: Optional[bool] = None
     seed: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: int = 0
     stop: Union[None, str, Sequence[str]] = None
     system: Optional[str] = None
     chat_template: bool = True
@@ -53,7 +62,16 @@ class GenerationOptions:
             raise TypeError("repeat_last_n must be an integer >= 0 (0 = the whole context), got None")
         check_sampling_args(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                             repetition_penalty=self.repetition_penalty, repeat_last_n=self.repeat_last_n,
-                            seed=self.seed, max_new_tokens=self.max_new_tokens)
+                            seed=self.seed, max_new_tokens=self.max_new_tokens,
+                            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+        if not isinstance(self.logprobs, (bool, np.bool_)):
+            raise TypeError(f"logprobs must be True or False, got {self.logprobs!r}")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, (int, np.integer)):
+            raise TypeError(f"top_logprobs must be an integer, got {self.top_logprobs!r}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be between 0 and 20, got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
         if self.do_sample is not None and not isinstance(self.do_sample, (bool, np.bool_)):
             raise TypeError(f"do_sample must be True, False or None, got {self.do_sample!r}")
         if not isinstance(self.chat_template, (bool, np.bool_)):
@@ -90,21 +108,22 @@ class GenerationOptions:
             top_k=pick(self.top_k, defaults.top_k), top_p=pick(self.top_p, defaults.top_p),
             min_p=pick(self.min_p, defaults.min_p or 0.0),
             repetition_penalty=pick(self.repetition_penalty, defaults.repetition_penalty),
-            repeat_last_n=self.repeat_last_n)
+            repeat_last_n=self.repeat_last_n, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty)
 
     def max_new(self, defaults: GenerationDefaults, prompt_len: int, context: int) -> int:
         """max_new_tokens for a prompt of `prompt_len` ids in a context of `context` positions; ValueError when
         they cannot fit, saying what to change."""
         if prompt_len >= context:
-            raise ValueError(f"the prompt is {prompt_len} tokens but the model's context holds {context} "
+            raise ContextLengthError(f"the prompt is {prompt_len} tokens but the model's context holds {context} "
                              "(max_context); shorten the prompt or load with a larger max_context")
         room = context - prompt_len
         if self.max_new_tokens is None:
             return min(defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room)
         if self.max_new_tokens > room:
-            raise ValueError(f"the prompt ({prompt_len} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds the "
-                             f"context of {context} tokens (max_context); lower max_new_tokens to at most {room} "
-                             "or load with a larger max_context")
+            raise ContextLengthError(f"the prompt ({prompt_len} tokens) + max_new_tokens ({self.max_new_tokens}) "
+                                     f"exceeds the context of {context} tokens (max_context); lower max_new_tokens "
+                                     f"to at most {room} or load with a larger max_context")
         return int(self.max_new_tokens)
 
 
@@ -120,6 +139,28 @@ def _check_stops(stop: Union[None, str, Sequence[str]]) -> Tuple[str, ...]:
         if not s:
             raise ValueError("stop strings must not be empty")
     return tuple(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token with its log-probability (see GenerationOptions.logprobs) and the `top` alternatives,
+    most likely first, as (token id, text, log-probability)."""
+
+    token_id: int
+    token: str
+    bytes: bytes
+    logprob: float
+    top: Tuple[Tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one step adds to a generation: its text (possibly empty: a character may still be incomplete), the ids
+    generated in it, and their log-probabilities when asked for."""
+
+    text: str
+    token_ids: Tuple[int, ...]
+    logprobs: Tuple[TokenLogprob, ...] = ()
 
 
 class StopScanner:
@@ -164,6 +205,7 @@ class TextAssembler:
     stop string ended the text, else None."""
 
     def __init__(self, tokenizer: Any, stops: Sequence[str], eos: FrozenSet[int]):
+        self._tokenizer = tokenizer
         self._detok = tokenizer.stream()
         self._scanner = StopScanner(stops)
         self._eos = eos
@@ -172,6 +214,13 @@ class TextAssembler:
     @property
     def stop_string(self) -> Optional[str]:
         return self._scanner.hit
+
+    def token_text(self, token: int) -> str:
+        """One token's own text (special tokens included), for log-probability reports."""
+        return self._tokenizer.decode([token], skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._tokenizer.token_bytes(token)
 
     def push(self, token: int) -> str:
         """Add a generated id; return the text it completes ("" when none). After a stop, returns ""."""

@@ -29,8 +29,8 @@ import numpy as np
 
 from ._checks import short as _short
 
-__all__ = ["SamplingParams", "Sampler", "apply_repetition_penalty", "candidates", "token_distribution",
-           "check_sampling_args"]
+__all__ = ["SamplingParams", "Sampler", "apply_repetition_penalty", "apply_penalties", "log_probs", "candidates",
+           "token_distribution", "check_sampling_args"]
 
 IdSequence = Union[Sequence[int], np.ndarray]
 
@@ -70,12 +70,15 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     repeat_last_n: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.do_sample, (bool, np.bool_)):
             raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
         check_sampling_args(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                            repetition_penalty=self.repetition_penalty, repeat_last_n=self.repeat_last_n)
+                            repetition_penalty=self.repetition_penalty, repeat_last_n=self.repeat_last_n,
+                            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
         object.__setattr__(self, "do_sample", bool(self.do_sample))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_k", operator.index(self.top_k))
@@ -83,16 +86,24 @@ class SamplingParams:
         object.__setattr__(self, "min_p", float(self.min_p))
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
         object.__setattr__(self, "repeat_last_n", operator.index(self.repeat_last_n))
+        object.__setattr__(self, "presence_penalty", float(self.presence_penalty))
+        object.__setattr__(self, "frequency_penalty", float(self.frequency_penalty))
 
     @property
     def greedy(self) -> bool:
         """True when the choice is an argmax (no sampling)."""
         return not self.do_sample or self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        """True when a penalty changes the logits before the choice."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 def check_sampling_args(*, temperature: Any = None, top_k: Any = None, top_p: Any = None, min_p: Any = None,
                         repetition_penalty: Any = None, repeat_last_n: Any = None, seed: Any = None,
-                        max_new_tokens: Any = None) -> None:
+                        max_new_tokens: Any = None, presence_penalty: Any = None,
+                        frequency_penalty: Any = None) -> None:
     """Raise TypeError (wrong type) or ValueError (out of range) naming the first bad argument; None = unset."""
     if temperature is not None:
         t = _real("temperature", temperature)
@@ -115,6 +126,9 @@ def check_sampling_args(*, temperature: Any = None, top_k: Any = None, top_p: An
                              f"{_short(repetition_penalty)}")
     if repeat_last_n is not None and _int("repeat_last_n", repeat_last_n) < 0:
         raise ValueError(f"repeat_last_n must be >= 0 (0 = the whole context), got {_short(repeat_last_n)}")
+    for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if v is not None and not -2.0 <= _real(name, v) <= 2.0:
+            raise ValueError(f"{name} must be in [-2, 2] (0 = off), got {_short(v)}")
     if seed is not None and _int("seed", seed) < 0:
         raise ValueError(f"seed must be a non-negative integer, got {_short(seed)}")
     if max_new_tokens is not None and _int("max_new_tokens", max_new_tokens) < 1:
@@ -138,6 +152,30 @@ def apply_repetition_penalty(logits: np.ndarray, context: IdSequence, penalty: f
     big = float(np.finfo(logits.dtype).max)
     logits[ids] = np.clip(out, -big, big)
     return logits
+
+
+def apply_penalties(logits: np.ndarray, context: IdSequence, params: SamplingParams, generated: int = 0) -> np.ndarray:
+    """In place: the repetition penalty over the context (as apply_repetition_penalty), then OpenAI's presence and
+    frequency penalties over the last `generated` ids of the context (the generated ones): a token's logit minus
+    presence_penalty once if it was generated, minus frequency_penalty per time. Returns `logits`."""
+    apply_repetition_penalty(logits, context, params.repetition_penalty, params.repeat_last_n)
+    if (params.presence_penalty or params.frequency_penalty) and generated > 0:
+        ids, counts = np.unique(np.asarray(context[len(context) - generated:], dtype=np.int64), return_counts=True)
+        keep = (ids >= 0) & (ids < logits.shape[-1])
+        ids, counts = ids[keep], counts[keep]
+        logits[ids] -= (params.presence_penalty + params.frequency_penalty * counts).astype(logits.dtype)
+    return logits
+
+
+def log_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Log-probabilities of every token the way they are reported with generated tokens: log-softmax of the logits
+    after the penalties and the temperature (temperature 1 when greedy), before top-k / top-p / min-p cut tokens
+    away. `logits` must already carry the penalties."""
+    x = np.asarray(logits, dtype=np.float64)
+    if not params.greedy and params.temperature != 1.0:
+        x = x / params.temperature
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
 
 
 def _check_logits(logits: np.ndarray) -> np.ndarray:
@@ -270,15 +308,17 @@ class Sampler:
         self.seed = seed
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, logits: np.ndarray, context: IdSequence = (), inplace: bool = False) -> int:
-        """The next token id for `logits` (vocab,), given the ids so far (`context`, for the repetition
-        penalty). With `inplace`, `logits` may be overwritten."""
+    def __call__(self, logits: np.ndarray, context: IdSequence = (), inplace: bool = False, generated: int = 0,
+                 penalized: bool = False) -> int:
+        """The next token id for `logits` (vocab,), given the ids so far (`context`, for the penalties; its last
+        `generated` ids are the generated ones). With `inplace`, `logits` may be overwritten; with `penalized`,
+        they already carry the penalties."""
         p = self.params
         x = _check_logits(logits)
-        if p.repetition_penalty != 1.0 and len(context):
+        if p.penalized and len(context) and not penalized:
             if not inplace or x is not logits:
                 x = np.array(x, copy=True)
-            apply_repetition_penalty(x, context, p.repetition_penalty, p.repeat_last_n)
+            apply_penalties(x, context, p, generated)
         if p.greedy:
             return int(np.argmax(x))
         ids, z = _filter(x, p)

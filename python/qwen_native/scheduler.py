@@ -25,8 +25,8 @@ from typing import Any, Callable, Deque, FrozenSet, List, Optional, Sequence, Tu
 import numpy as np
 
 from . import _core  # the compiled extension (types: _core.pyi)
-from .generation import TextAssembler
-from .sampling import Sampler, SamplingParams
+from .generation import Piece, TextAssembler, TokenLogprob
+from .sampling import Sampler, SamplingParams, apply_penalties, log_probs
 
 __all__ = ["Scheduler", "Request", "PREFILL_CHUNK"]
 
@@ -60,6 +60,7 @@ class Outcome:
     ttft_s: float
     total_s: float
     logits: Optional[np.ndarray] = None  # a scoring request's (prompt_tokens, vocab) float32 logits
+    logprobs: Optional[List[TokenLogprob]] = None  # each generated token's, when asked for
 
 
 class Request:
@@ -67,8 +68,10 @@ class Request:
     for the outcome (``wait``), and may ``cancel``; the scheduler thread does everything else."""
 
     def __init__(self, ids: List[int], params: SamplingParams, seed: Optional[int], max_new_tokens: int,
-                 stops: Sequence[str], eos: FrozenSet[int], stream: bool, t0: float, score: bool = False):
+                 stops: Sequence[str], eos: FrozenSet[int], stream: bool, t0: float, score: bool = False,
+                 logprobs: Optional[int] = None):
         self.ids = ids
+        self.logprobs = logprobs  # None, or how many alternatives to report with each token's log-probability
         # A scoring request generates nothing: it wants the logits of every prompt position, computed from an empty
         # cache in the scheduler's own scoring slot (the generation slots are left as they are).
         self.score = score
@@ -86,12 +89,13 @@ class Request:
         self.done = False
         self.outcome: Optional[Outcome] = None
         self.error: Optional[BaseException] = None
-        self._pieces: Deque[str] = deque()
+        self._pieces: Deque[Piece] = deque()
         self._scheduler: Optional["Scheduler"] = None
         self._cond: Optional[threading.Condition] = None
 
-    def next_piece(self) -> Optional[str]:
-        """The next text piece, waiting for it; None once the generation is over. Raises what stopped it early."""
+    def next_piece(self) -> Optional[Piece]:
+        """The next piece (a step's text, ids and log-probabilities), waiting for it; None once the generation is
+        over. Raises what stopped it early."""
         assert self._cond is not None
         with self._cond:
             while not self._pieces and not self.done:
@@ -139,7 +143,9 @@ class _Sequence:
         self.parts: List[str] = []
         self.assembler = TextAssembler(tokenizer, request.stops, request.eos)
         self.sampler = Sampler(request.params, request.seed)
-        self.fast_greedy = request.params.greedy and request.params.repetition_penalty == 1.0
+        # Greedy without penalties or log-probabilities needs only the argmax, which the core can return alone.
+        self.fast_greedy = request.params.greedy and not request.params.penalized and request.logprobs is None
+        self.logprobs: List[TokenLogprob] = []
         self.finish_reason: Optional[str] = None
         self.scores: List[np.ndarray] = []  # a scoring request's logits so far
         self.feed: List[int] = []      # what it feeds the next pass (plan)
@@ -172,10 +178,27 @@ class _Sequence:
         self.feed = self.tokens[self.fed:self.fed + 1] + self.proposal
         self.logits = len(self.feed)
 
-    def choose(self, logits_or_id: Any) -> int:
+    def choose(self, logits_or_id: Any) -> Tuple[int, Optional[TokenLogprob]]:
+        """The next id from a row of logits (or the argmax id the core computed), and its log-probability record
+        when the request asks for them."""
         if self.fast_greedy:
-            return int(logits_or_id) if np.ndim(logits_or_id) == 0 else int(np.argmax(logits_or_id))
-        return self.sampler(logits_or_id, np.asarray(self.tokens, dtype=np.int64), inplace=True)
+            return (int(logits_or_id) if np.ndim(logits_or_id) == 0 else int(np.argmax(logits_or_id))), None
+        x, p = logits_or_id, self.request.params
+        context = np.asarray(self.tokens, dtype=np.int64)
+        if p.penalized:
+            apply_penalties(x, context, p, generated=len(self.generated))
+        tok = self.sampler(x, context, inplace=True, penalized=True)
+        if self.request.logprobs is None:
+            return tok, None
+        lp = log_probs(x, p)
+        top: Tuple[Tuple[int, str, float], ...] = ()
+        if self.request.logprobs:
+            k = self.request.logprobs
+            ids = np.argpartition(-lp, k - 1)[:k]
+            ids = ids[np.argsort(-lp[ids], kind="stable")]
+            top = tuple((int(i), self.assembler.token_text(int(i)), float(lp[i])) for i in ids)
+        return tok, TokenLogprob(tok, self.assembler.token_text(tok), self.assembler.token_bytes(tok), float(lp[tok]),
+                                 top)
 
     def take_scores(self, rows: np.ndarray) -> None:
         """After a pass of a scoring request: keep its rows of logits; done once the whole prompt ran."""
@@ -183,19 +206,23 @@ class _Sequence:
         if not self.prefilling:
             self.finish_reason = "scored"
 
-    def take(self, rows: Any) -> Tuple[str, int]:
+    def take(self, rows: Any) -> Tuple[Piece, int]:
         """After a pass: the rows of logits (or argmax ids) this sequence asked for. Picks the next id from each
         row while the proposal agrees (verification accepts the longest agreeing prefix, then the model's own
-        next id). Returns the text completed and how many fed rows to drop from the cache (the rejected
+        next id). Returns what this step adds and how many fed rows to drop from the cache (the rejected
         proposals)."""
-        piece, confirmed = "", 0
+        text, ids, lps, confirmed = "", [], [], 0
         for i in range(len(rows)):
-            tok = self.choose(rows[i])
-            piece += self.accept(tok)
+            tok, lp = self.choose(rows[i])
+            ids.append(tok)
+            if lp is not None:
+                lps.append(lp)
+                self.logprobs.append(lp)
+            text += self.accept(tok)
             if self.finish_reason is not None or i >= len(self.proposal) or tok != self.proposal[i]:
                 break
             confirmed += 1
-        return piece, len(self.proposal) - confirmed
+        return Piece(text, tuple(ids), tuple(lps)), len(self.proposal) - confirmed
 
     def accept(self, token: int) -> str:
         """Take a generated id; the text it completes. Sets finish_reason when the sequence is done."""
@@ -221,7 +248,8 @@ class _Sequence:
                        decode_tokens=max(0, len(self.generated) - 1), decode_passes=self.decode_steps,
                        decode_s=self.decode_s, ttft_s=self.ttft_s,
                        total_s=time.perf_counter() - r.t0,
-                       logits=np.concatenate(self.scores) if self.scores else None)
+                       logits=np.concatenate(self.scores) if self.scores else None,
+                       logprobs=list(self.logprobs) if r.logprobs is not None else None)
 
 
 _LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
@@ -298,6 +326,11 @@ class Scheduler:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+
+    def load(self) -> Tuple[int, int]:
+        """(sequences running, requests waiting for a slot) now."""
+        with self._lock:
+            return len(self._active), len(self._waiting)
 
     @property
     def idle(self) -> bool:
@@ -428,13 +461,13 @@ class Scheduler:
                 s.decode_s += dt
                 s.decode_steps += 1
             s.fed += len(s.feed)
-        done: List[Tuple[_Sequence, str, Optional[BaseException]]] = []
+        done: List[Tuple[_Sequence, Optional[Piece], Optional[BaseException]]] = []
         row = 0
         for s in wants:
             if s.request.score:
                 s.take_scores(out[row:row + s.logits])
                 row += s.logits
-                done.append((s, "", None))
+                done.append((s, None, None))
                 continue
             try:
                 first = not s.generated
@@ -447,14 +480,14 @@ class Scheduler:
                     s.ttft_s = time.perf_counter() - s.request.t0
                 done.append((s, piece, None))
             except Exception as e:  # sampling refused the logits (NaN): this sequence ends with the error
-                done.append((s, "", e))
+                done.append((s, None, e))
             row += s.logits
         with self._lock:
             self._in_flight = []
-            for s, piece, error in done:
+            for s, new, error in done:
                 r = s.request
-                if piece and r.stream and not r.cancelled:
-                    r._pieces.append(piece)
+                if new is not None and r.stream and not r.cancelled:
+                    r._pieces.append(new)
                     assert r._cond is not None
                     r._cond.notify_all()
                 if error is not None or s.finish_reason is not None:
