@@ -17,7 +17,7 @@ from reference import quantize_inputs
 
 SHAPES = [(1, 1, 1), (1, 5, 7), (1, 33, 97), (1, 64, 1536), (2, 1, 3), (3, 17, 31), (2, 40, 33), (13, 65, 129),
           (25, 100, 1001), (12, 32, 512), (37, 70, 600)]
-THREADS = [1, 3, 16]
+THREADS = [1, 3]  # 3: more threads than rows in the narrow shapes (more than cores is only slower on small CIs)
 
 SCRIPT = r"""
 import json, sys, numpy as np
@@ -50,12 +50,16 @@ def run_isa(isa: str) -> dict:
     return json.loads(out)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "default"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_matmul_kernels(isa):
+    from qwen_native import _core
+
+    best = _core.select_isa(_core.cpu_features())
+    if not _core.select_isa(_core.cpu_features(), isa).startswith(isa):
+        pytest.skip(f"this CPU cannot run the {isa} kernels (it gets {best})")
     result = run_isa(isa)
     got_isa = result["isa"]
-    if isa not in ("default", got_isa):
-        pytest.skip(f"this CPU cannot run the {isa} kernels (got {got_isa})")
+    assert got_isa.split("+")[0] == isa and (got_isa == best or not best.startswith(isa)), (got_isa, best)
     rng = np.random.default_rng(0)
     data = []
     for T, n, k in SHAPES:
@@ -135,21 +139,26 @@ for n, k in ((37, 97), (64, 1536), (300, 64)):
             batch = _core._backend_matmul(x, w, bias=b, dtype=dtype, num_threads=th, rows=True)
             alone = np.concatenate([_core._backend_matmul(x[t:t + 1], w, bias=b, dtype=dtype, num_threads=th)
                                     for t in range(17)])
-            some = _core._backend_matmul(x[:5], w, bias=b, dtype=dtype, num_threads=th, rows=True)
+            prefix = all(np.array_equal(_core._backend_matmul(x[:m], w, bias=b, dtype=dtype, num_threads=th,
+                                                              rows=True), batch[:m]) for m in (2, 4, 5))
             out.append(dict(n=n, k=k, dtype=dtype, threads=th, same=bool(np.array_equal(batch, alone)),
-                            prefix=bool(np.array_equal(some, batch[:5]))))
+                            prefix=bool(prefix)))
 print(json.dumps(dict(isa=_core.isa(), cases=out)))
 """
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "default"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_rows_of_several_sequences_equal_each_alone(isa):
-    """The decode rows of several sequences (1..17 of them) in one matmul, reading the weights once: each row bit
-    for bit what a one-row matmul gives, in every format and kernel set."""
+    """The decode rows of several sequences (2, 4, 5 and 17 of them: every remainder of the AVX2 kernel's blocks of
+    3 inputs) in one matmul, reading the weights once: each row bit for bit what a one-row matmul gives, in every
+    format and kernel set."""
+    from qwen_native import _core
+
+    if not _core.select_isa(_core.cpu_features(), isa).startswith(isa):
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
     env = dict(os.environ, QWEN_NATIVE_ISA=isa)
     res = json.loads(subprocess.run([sys.executable, "-c", ROWS_SCRIPT], env=env, capture_output=True, text=True,
                                     check=True).stdout)
-    if isa not in ("default", res["isa"]):
-        pytest.skip(f"this CPU cannot run the {isa} kernels (got {res['isa']})")
+    assert res["isa"].split("+")[0] == isa, res["isa"]
     bad = [c for c in res["cases"] if not (c["same"] and c["prefix"])]
     assert not bad, bad

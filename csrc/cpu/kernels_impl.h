@@ -53,12 +53,26 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
+
 static inline float bf16f(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// The scalar tail of a vector row (k not a multiple of 8), one explicit FMA per element: the one-input and the
+// several-input kernels share it, so the compiler's choices cannot make their sums differ.
+static inline float tail(float s, const float* w, const float* x, int64_t from, int64_t k) {
+  for (int64_t i = from; i < k; ++i) s = std::fma(w[i], x[i], s);
+  return s;
+}
+static inline float tail(float s, const uint16_t* w, const float* x, int64_t from, int64_t k) {
+  for (int64_t i = from; i < k; ++i) s = std::fma(bf16f(w[i]), x[i], s);
+  return s;
+}
+#endif
 
 static inline void finish_row(float* y, int64_t r, float s, const float* bias, bool accumulate) {
   if (bias) s += bias[r];
@@ -107,10 +121,8 @@ static void gemv_f32_one(const float* W, int64_t ldw, const float* x, int64_t k,
       a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
       a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
     }
-    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-    for (int64_t i = kv; i < k; ++i) {
-      s0 += w0[i] * x[i]; s1 += w1[i] * x[i]; s2 += w2[i] * x[i]; s3 += w3[i] * x[i];
-    }
+    const float s0 = tail(hsum(a0), w0, x, kv, k), s1 = tail(hsum(a1), w1, x, kv, k);
+    const float s2 = tail(hsum(a2), w2, x, kv, k), s3 = tail(hsum(a3), w3, x, kv, k);
     finish_row(y, r, s0, bias, accumulate);
     finish_row(y, r + 1, s1, bias, accumulate);
     finish_row(y, r + 2, s2, bias, accumulate);
@@ -189,7 +201,7 @@ static void gemv_bf16_one(const uint16_t* W, int64_t ldw, const float* x, const 
     }
     for (int j = 0; j < R; ++j) {
       float s = hsum(acc[j]);
-      for (int64_t i = k8; i < k; ++i) s += bf16f(w[j][i]) * x[i];
+      s = tail(s, w[j], x, k8, k);  // as in rows_by_inputs
       finish_row(y, r + j, s, bias, accumulate);
     }
   }
@@ -212,8 +224,108 @@ static int64_t cached_slice(int64_t row_bytes) {
   return std::max<int64_t>(16, (int64_t(64) << 10) / std::max<int64_t>(row_bytes, 1) / 16 * 16);
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2, several inputs: 4 weight rows x 3 inputs in registers (12 accumulators), so each weight vector is loaded
+// (and widened) once for 3 inputs and each input vector once for 4 rows: the one-input kernel's loop is bound by
+// those loads and widenings, this one by its FMAs. Rows go in groups of kGroupRows, k in chunks of kChunk: a chunk
+// of 4 rows (2-4 KB, read from memory once) stays in L1 while every input passes over it, and the inputs' chunks
+// (up to kMaxInputs x 1 KB) while the group's rows do; the accumulators wait in memory between chunks (exactly: a
+// store and a load). Every (row, input) pair keeps its own accumulator, summed in the one-input kernel's order and
+// reduced by the same hsum and tail, so each result is bit for bit what gemv_*_one gives.
+constexpr int kRB = 4, kNT = 3;
+constexpr int64_t kChunk = 256, kGroupRows = 16, kMaxInputs = 24;
+
+static inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+static inline __m256 load8(const uint16_t* w) {  // bf16 zero-extended and shifted up: floats in x's order
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), 16));
+}
+
+// acc[j * lda + t] += W[r + j, i0:i1] · X[t, i0:i1] for j < 4, t < NT
+template <int NT, class T>
+static inline void block_chunk(const T* W, int64_t ldw, const float* X, int64_t ldx, int64_t i0, int64_t i1,
+                               int64_t r, __m256* acc_mem, int64_t lda) {
+  const T* w[kRB];
+  __m256 acc[kRB][NT];
+  for (int j = 0; j < kRB; ++j) {
+    w[j] = W + (r + j) * ldw;
+    for (int t = 0; t < NT; ++t) acc[j][t] = acc_mem[j * lda + t];
+  }
+  for (int64_t i = i0; i < i1; i += 8) {
+    __m256 xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(X + t * ldx + i);
+    for (int j = 0; j < kRB; ++j) {
+      const __m256 wv = load8(w[j] + i);
+      for (int t = 0; t < NT; ++t) acc[j][t] = _mm256_fmadd_ps(wv, xv[t], acc[j][t]);
+    }
+  }
+  for (int j = 0; j < kRB; ++j)
+    for (int t = 0; t < NT; ++t) acc_mem[j * lda + t] = acc[j][t];
+}
+
+// Rows [r0, r1) (in the one-input kernel's vector blocks: a multiple of 4 of them) for nx <= kMaxInputs inputs.
+template <class T>
+static void rows_by_inputs(const T* W, int64_t ldw, const float* X, int64_t ldx, int64_t nx, int64_t k, float* Y,
+                           int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+  __m256 acc[kGroupRows * kMaxInputs];
+  const int64_t k8 = k & ~int64_t(7);
+  for (int64_t a = r0; a < r1; a += kGroupRows) {
+    const int64_t b = std::min(r1, a + kGroupRows);
+    for (int64_t q = 0; q < (b - a) * nx; ++q) acc[q] = _mm256_setzero_ps();
+    // The next group's rows come into L2 while this one computes: its chunks hop from row to row, which the
+    // hardware prefetchers do not follow.
+    constexpr int64_t kLine = 64 / int64_t(sizeof(T));  // elements per cache line
+    const int64_t next_end = std::min(r1, b + kGroupRows), row_lines = (k + kLine - 1) / kLine;
+    const int64_t steps = std::max<int64_t>(1, (k8 + kChunk - 1) / kChunk * ((b - a) / kRB));
+    const int64_t per_step = ((next_end - b) * row_lines + steps - 1) / steps;
+    int64_t pf_row = b, pf_line = 0;
+    for (int64_t i0 = 0; i0 < k8; i0 += kChunk) {
+      const int64_t i1 = std::min(k8, i0 + kChunk);
+      for (int64_t r = a; r < b; r += kRB) {
+        for (int64_t n = 0; n < per_step && pf_row < next_end; ++n) {
+          _mm_prefetch(reinterpret_cast<const char*>(W + pf_row * ldw + pf_line * kLine), _MM_HINT_T1);
+          if (++pf_line == row_lines) pf_line = 0, ++pf_row;
+        }
+        for (int64_t t = 0; t < nx; t += kNT) {
+          __m256* am = acc + (r - a) * nx + t;
+          const float* x = X + t * ldx;
+          const int64_t nt = std::min<int64_t>(kNT, nx - t);
+          if (nt == 3) block_chunk<3>(W, ldw, x, ldx, i0, i1, r, am, nx);
+          else if (nt == 2) block_chunk<2>(W, ldw, x, ldx, i0, i1, r, am, nx);
+          else block_chunk<1>(W, ldw, x, ldx, i0, i1, r, am, nx);
+        }
+      }
+    }
+    for (int64_t r = a; r < b; ++r)
+      for (int64_t t = 0; t < nx; ++t)
+        finish_row(Y + t * ldy, r, tail(hsum(acc[(r - a) * nx + t]), W + r * ldw, X + t * ldx, k8, k), bias,
+                   accumulate);
+  }
+}
+
+// Rows [r0, r1) for nx inputs: the rows the one-input kernel takes in vector blocks of `block` rows here, the rest
+// (its scalar rows) through `one(t, from)`.
+template <class T, class One>
+static void gemv_many(const T* W, int64_t ldw, const float* X, int64_t ldx, int64_t nx, int64_t k, float* Y,
+                      int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1, int64_t block,
+                      One one) {
+  const int64_t eb = r0 + (r1 - r0) / block * block;
+  for (int64_t t = 0; t < nx; t += kMaxInputs)
+    rows_by_inputs(W, ldw, X + t * ldx, ldx, std::min(kMaxInputs, nx - t), k, Y + t * ldy, ldy, bias, accumulate,
+                   r0, eb);
+  if (eb < r1)
+    for (int64_t t = 0; t < nx; ++t) one(t, eb);
+}
+#endif
+
 static void gemv_f32(const float* W, int64_t ldw, const float* X, int64_t ldx, int64_t nx, int64_t k, float* Y,
                      int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if (nx > 1)
+    return gemv_many(W, ldw, X, ldx, nx, k, Y, ldy, bias, accumulate, r0, r1, 4, [&](int64_t t, int64_t from) {
+      gemv_f32_one(W, ldw, X + t * ldx, k, Y + t * ldy, bias, accumulate, from, r1);
+    });
+#endif
   const int64_t step = nx == 1 ? r1 - r0 : cached_slice(k * 4);
   for (int64_t s = r0; s < r1; s += step)
     for (int64_t t = 0; t < nx; ++t)
@@ -222,6 +334,12 @@ static void gemv_f32(const float* W, int64_t ldw, const float* X, int64_t ldx, i
 
 static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* X, const float* XS, int64_t ldx, int64_t nx,
                       int64_t k, float* Y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if (nx > 1)
+    return gemv_many(W, ldw, X, ldx, nx, k, Y, ldy, bias, accumulate, r0, r1, 8, [&](int64_t t, int64_t from) {
+      gemv_bf16_one(W, ldw, X + t * ldx, XS + t * ldx, k, Y + t * ldy, bias, accumulate, from, r1);
+    });
+#endif
   const int64_t step = nx == 1 ? r1 - r0 : cached_slice(k * 2);
   for (int64_t s = r0; s < r1; s += step)
     for (int64_t t = 0; t < nx; ++t)
