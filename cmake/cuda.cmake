@@ -158,6 +158,7 @@ set(_qn_cuda_sources
   csrc/cuda/kernels.cu
   csrc/cuda/gemv.cu
   csrc/cuda/attention.cu
+  csrc/cuda/quant.cu
 )
 target_sources(_core PRIVATE ${_qn_cuda_sources})
 set_source_files_properties(${_qn_cuda_sources} PROPERTIES COMPILE_OPTIONS

@@ -190,7 +190,8 @@ class PyModel {
       if (device.size() > 5) {
         try { index = std::stoi(device.substr(5)); } catch (...) { throw std::invalid_argument("bad device \"" + device + "\""); }
       }
-      if (dtype != "bfloat16") throw std::invalid_argument("device \"cuda\" runs in bfloat16; pass dtype=\"bfloat16\" (or leave dtype unset)");
+      if (dtype == "float32")  // bf16 activations: int8 and int4 weights are fine, float32 ones are not kept
+        throw std::invalid_argument("device \"cuda\" runs in bfloat16, int8 or int4; pass one of those as dtype (or leave dtype unset)");
       backend_ = make_cuda_backend(index);
     } else {
       throw std::invalid_argument("device must be \"cpu\" or \"cuda\", got \"" + device + "\"");

@@ -8,9 +8,9 @@ compile only: a few seconds per file."""
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import glob
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -90,15 +90,28 @@ def test_objects_link_and_load_without_a_gpu(toolchain, objects, tmp_path):
         pytest.skip("a file did not compile (reported above)")
     if not lib:
         pytest.skip("no libcublas.so to link against")
-    # The core's one symbol the backend uses (f16_to_f32) lives in weights.cpp.
-    weights_o = str(tmp_path / "weights.o")
+    # The core's symbols the backend uses: the float16 conversions (weights.cpp) and the CPU kernels' quantize_row
+    # (quantized weights are made on the host), with the flags CMakeLists.txt gives each kernel set.
     cxx = os.environ.get("CXX", "g++")
-    r = subprocess.run([cxx, "-std=c++17", "-fPIC", "-c", "-I", os.path.join(ROOT, "csrc"),
-                        os.path.join(ROOT, "csrc", "weights.cpp"), "-o", weights_o], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    host = [("weights.cpp", []), ("cpu/kernels_generic.cpp", []), ("cpu/kernels_dispatch.cpp", [])]
+    if x86:
+        host += [("cpu/kernels_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
+                 ("cpu/kernels_avx512.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+                                             "-mf16c"]),
+                 ("cpu/gemm_bf16.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
+                                        "-mavx2", "-mfma"])]
+    host_objs = []
+    for src, flags in host:
+        o = str(tmp_path / (os.path.basename(src) + ".o"))
+        r = subprocess.run([cxx, "-std=c++17", "-O1", "-fPIC", "-c", *flags, *(["-DQWEN_X86=1"] if x86 else []),
+                            "-I", os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", src), "-o", o],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        host_objs.append(o)
     so = str(tmp_path / "libqwen_cuda_check.so")
-    r = subprocess.run([nvcc, "-shared", "-arch=sm_80", "-o", so, *[o for _, o, _ in objects], weights_o, "-Xlinker", lib,
-                        "-Xlinker", "--no-undefined", "-Xlinker", "-rpath=" + os.path.dirname(lib)],
+    r = subprocess.run([nvcc, "-shared", "-arch=sm_80", "-o", so, *[o for _, o, _ in objects], *host_objs,
+                        "-Xlinker", lib, "-Xlinker", "--no-undefined", "-Xlinker", "-rpath=" + os.path.dirname(lib)],
                        capture_output=True, text=True)
     assert r.returncode == 0, f"link failed:\n{r.stdout}\n{r.stderr}"
     # Loads (static cudart, libcublas through the rpath) and answers without a GPU instead of crashing.

@@ -1,8 +1,11 @@
-// The CUDA backend: bf16 weights and activations on one NVIDIA GPU (compute capability 8.0+), f32 residual stream
-// and logits, every op on one stream.
+// The CUDA backend: bf16, int8 (Q8) or int4 (Q4) weights and bf16 activations on one NVIDIA GPU (compute capability
+// 8.0+), f32 residual stream and logits, every op on one stream.
 //
 //   matmuls      T > 1: cuBLAS (cublasGemmEx, bf16 in, f32 compute, f32 or bf16 out; the residual add is the
 //                GEMM's beta = 1). T = 1: our bf16 GEMV (gemv.cu) or cuBLAS, per shape (tuner.cu).
+//   quantized    weights in tensor.h's layout, quantized on the host at load by the CPU's own quantize_row (the
+//                same bytes as a CPU model of that format). T = 1: our quantized GEMV (quant.cu). T > 1: tiles of
+//                rows dequantized to bf16 into one scratch buffer sized at load, each multiplied by cuBLAS.
 //   other ops    our kernels (kernels.cu, attention.cu); token ids, slots and positions are read from device memory
 //                (StepParams, memory.cu), written once per pass by begin_forward.
 //   one-row step recorded once into a CUDA graph and replayed for every later one-row pass, whatever its slot and
@@ -14,12 +17,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backend.h"
+#include "cpu/kernels.h"
 #include "cuda/graph.cuh"
 #include "cuda/kernels.cuh"
 #include "cuda/memory.cuh"
@@ -44,9 +52,34 @@ using cuda::GemvTuner;
 using cuda::Scratch;
 
 constexpr size_t kCublasWorkspace = size_t(32) << 20;  // what cuBLAS recommends for Hopper; set so graphs capture
+// bf16 elements of the tile a batched quantized matmul dequantizes at a time: 8 MiB, which stays in L2 between
+// its writing and cuBLAS reading it (the CPU emulation in tests/cuda_emu makes it small, so matrices take several).
+#ifndef QWEN_CUDA_DEQUANT_TILE_ELEMS
+#define QWEN_CUDA_DEQUANT_TILE_ELEMS (int64_t(4) << 20)
+#endif
+constexpr int64_t kDequantTileElems = QWEN_CUDA_DEQUANT_TILE_ELEMS;
 
 void check(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("cuda backend: " + what);
+}
+
+// n host values of dtype `from` (F32, BF16 or F16) as `to` (F32 or BF16).
+void convert(const void* src, DType from, DType to, int64_t n, void* out) {
+  if (from == to) {
+    std::memcpy(out, src, size_t(n) * dtype_size(to));
+    return;
+  }
+  auto fill = [&](auto value) {  // one loop per source type
+    if (to == DType::F32) for (int64_t i = 0; i < n; ++i) static_cast<float*>(out)[i] = value(i);
+    else if (to == DType::BF16) for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(out)[i] = f32_to_bf16(value(i));
+    else throw std::invalid_argument(std::string("the CUDA backend does not store ") + dtype_name(to) + " tensors");
+  };
+  const uint16_t* s16 = static_cast<const uint16_t*>(src);
+  const float* s32 = static_cast<const float*>(src);
+  if (from == DType::F32) fill([&](int64_t i) { return s32[i]; });
+  else if (from == DType::BF16) fill([&](int64_t i) { return bf16_to_f32(s16[i]); });
+  else if (from == DType::F16) fill([&](int64_t i) { return f16_to_f32(s16[i]); });
+  else throw std::invalid_argument(std::string("cannot load a ") + dtype_name(from) + " tensor");
 }
 
 std::string device_label(int dev, const cudaDeviceProp& prop) {
@@ -97,11 +130,18 @@ class CudaBackend final : public Backend {
     std::ostringstream s;
     s << "cuda:" << dev_ << " (" << prop_.name << ", sm_" << prop_.major << prop_.minor << ", "
       << prop_.multiProcessorCount << " SMs, " << cuda::mib(int64_t(mem_.allocated())) << " allocated; "
-      << graph_.describe() << "; one-token matmuls: " << tuner_.describe() << ")";
+      << graph_.describe() << "; one-token matmuls: " << tuner_.describe();
+    if (!qgemv_splits_.empty()) {
+      s << "; quantized one-token matmuls:";
+      for (const auto& [shape, wpb] : qgemv_splits_)
+        s << " " << format_name(std::get<0>(shape)) << " " << std::get<1>(shape) << "x" << std::get<2>(shape)
+          << "=qgemv/" << wpb;
+    }
+    s << ")";
     return s.str();
   }
 
-  bool stores(Format f) const override { return f == Format::BF16; }
+  bool stores(Format f) const override { return f == Format::BF16 || is_quantized(f); }
   DType activation_dtype() const override { return DType::BF16; }
 
   // --- memory ------------------------------------------------------------------------------------------------
@@ -111,6 +151,21 @@ class CudaBackend final : public Backend {
     check(rows >= 0 && cols >= 0, "alloc of a negative shape");
     void* p = mem_.alloc(size_t(rows * cols) * dtype_size(dtype), "a tensor");
     return Tensor{p, dtype, rows, cols, cols};
+  }
+
+  Weight alloc_weight(Format f, int64_t rows, int64_t cols) override {
+    if (!is_quantized(f)) return Backend::alloc_weight(f, rows, cols);
+    check(rows > 0 && cols > 0, "alloc_weight of an empty matrix");
+    const int64_t bytes = format_bytes(f, rows, cols), row_bytes = quant_groups(cols) * quant_block_bytes(f);
+    void* p = mem_.alloc(size_t(bytes), "a quantized weight");
+    // Zeros: the padding rows of the last block are defined, and so are rows not uploaded yet when upload_weight
+    // patches a block shared by two calls.
+    QWEN_CUDA_CHECK(cudaMemsetAsync(p, 0, size_t(bytes), stream_));
+    // The batched matmuls' bf16 tile: as many whole blocks of rows as fit kDequantTileElems, at least one.
+    const int64_t ld = quant_groups(cols) * kQuantGroup;
+    const int64_t tile_blocks = std::min(quant_blocks(rows), std::max<int64_t>(1, kDequantTileElems / ld / kQuantRows));
+    grow(dequant_tile_, size_t(tile_blocks * kQuantRows * ld) * 2, "dequantized weight tiles");
+    return Weight{Tensor{p, DType::U8, quant_blocks(rows), row_bytes, row_bytes}, f, rows, cols};
   }
 
   void upload(const Tensor& dst, int64_t at, const void* src, DType src_dtype, int64_t n) override {
@@ -132,22 +187,57 @@ class CudaBackend final : public Backend {
     }
     // Convert on the host into this thread's buffer (2 loader threads run at once), then copy. Only f32 / f16
     // checkpoints take this path; bf16 ones go straight through.
-    thread_local std::vector<uint16_t> buf16;
-    thread_local std::vector<float> buf32;
-    const uint16_t* s16 = static_cast<const uint16_t*>(src);
-    const float* s32 = static_cast<const float*>(src);
-    if (dst.dtype == DType::BF16) {
-      buf16.resize(size_t(n));
-      if (src_dtype == DType::F32) for (int64_t i = 0; i < n; ++i) buf16[size_t(i)] = f32_to_bf16(s32[i]);
-      else for (int64_t i = 0; i < n; ++i) buf16[size_t(i)] = f32_to_bf16(f16_to_f32(s16[i]));
-      copy(buf16.data());
-    } else if (dst.dtype == DType::F32) {
-      buf32.resize(size_t(n));
-      if (src_dtype == DType::BF16) for (int64_t i = 0; i < n; ++i) buf32[size_t(i)] = bf16_to_f32(s16[i]);
-      else for (int64_t i = 0; i < n; ++i) buf32[size_t(i)] = f16_to_f32(s16[i]);
-      copy(buf32.data());
-    } else {
-      throw std::invalid_argument("the CUDA backend does not store F16 tensors");
+    thread_local std::vector<uint8_t> buf;
+    buf.resize(bytes);
+    convert(src, src_dtype, dst.dtype, n, buf.data());
+    copy(buf.data());
+  }
+
+  // Quantized rows are made on the host by the CPU kernels' quantize_row, a block of 4 rows at a time in this
+  // thread's buffer, then copied. Blocks whose rows all come in this call are copied whole; a block shared with
+  // another call (where q_proj meets k_proj in the stacked qkv, or a chunk of rows ends; perhaps on the other loader
+  // thread) is read back, gets this call's rows (quantize_row writes only its own row's bytes) and is written back,
+  // under a lock.
+  void upload_weight(const Weight& dst, int64_t row0, const void* src, DType src_dtype, int64_t rows) override {
+    if (!is_quantized(dst.format)) return Backend::upload_weight(dst, row0, src, src_dtype, rows);
+    if (row0 < 0 || rows < 0 || row0 + rows > dst.rows()) throw std::out_of_range("upload outside its weight");
+    if (rows == 0) return;
+    QWEN_CUDA_CHECK(cudaSetDevice(dev_));  // loader threads are new threads
+    const int64_t k = dst.cols(), bb = dst.data.cols, end = row0 + rows;
+    const int64_t b0 = row0 / kQuantRows, b1 = (end - 1) / kQuantRows + 1;  // the blocks touched
+    thread_local std::vector<uint8_t> blocks;
+    thread_local std::vector<float> row;
+    blocks.assign(size_t((b1 - b0) * bb), 0);
+    row.resize(size_t(k));
+    auto quantize = [&](int64_t r) {
+      convert(static_cast<const char*>(src) + (r - row0) * k * int64_t(dtype_size(src_dtype)), src_dtype, DType::F32,
+              k, row.data());
+      if (!cpu_kernels().quantize_row(dst.format, row.data(), k, &blocks[size_t((r / kQuantRows - b0) * bb)],
+                                      int(r % kQuantRows)))
+        throw std::invalid_argument(std::string("a weight is too large for ") + format_name(dst.format) +
+                                    " (its float16 scale would overflow); load this model in bfloat16");
+    };
+    auto copy = [&](int64_t b, int64_t n, bool to_device) {
+      void* dev = dst.data.row<uint8_t>(b);
+      void* host = &blocks[size_t((b - b0) * bb)];
+      QWEN_CUDA_CHECK(cudaMemcpyAsync(to_device ? dev : host, to_device ? host : dev, size_t(n * bb),
+                                      to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost, stream_));
+      QWEN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    };
+    auto whole = [&](int64_t b) {
+      return b * kQuantRows >= row0 && std::min((b + 1) * kQuantRows, dst.rows()) <= end;
+    };
+    const int64_t w0 = whole(b0) ? b0 : b0 + 1, w1 = whole(b1 - 1) ? b1 : b1 - 1;  // [w0, w1): this call's alone
+    for (int64_t r = std::max(row0, w0 * kQuantRows); r < std::min(end, w1 * kQuantRows); ++r) quantize(r);
+    if (w1 > w0) copy(w0, w1 - w0, true);
+    const int64_t edges[2] = {b0, b1 - 1};
+    for (int i = 0; i < (b1 - 1 > b0 ? 2 : 1); ++i) {
+      const int64_t b = edges[i];
+      if (b >= w0 && b < w1) continue;
+      std::lock_guard<std::mutex> lock(shared_blocks_);
+      copy(b, 1, false);
+      for (int64_t r = std::max(row0, b * kQuantRows); r < std::min(end, (b + 1) * kQuantRows); ++r) quantize(r);
+      copy(b, 1, true);
     }
   }
 
@@ -195,8 +285,14 @@ class CudaBackend final : public Backend {
   }
 
   void embed(const Tensor& out, const Weight& table) override {
-    check(table.format == Format::BF16 && out.dtype == DType::F32 && out.cols == table.cols() && out.rows == T_,
-          "embed: expects F32 out (T, hidden) and a bf16 table");
+    check((table.format == Format::BF16 || is_quantized(table.format)) && out.dtype == DType::F32 &&
+              out.cols == table.cols() && out.rows == T_,
+          "embed: expects F32 out (T, hidden) and a bf16 or quantized table");
+    if (is_quantized(table.format)) {
+      cuda::launch_dequant(table.format, table.data.ptr<uint8_t>(), out.cols, 0, out.rows, out.data, true, out.ld,
+                           pass_.device(), stream_);
+      return;
+    }
     cuda::launch_embed(out.ptr<float>(), out.ld, table.data.ptr<bf16>(), table.data.ld, out.cols, out.rows,
                        pass_.device(), stream_);
   }
@@ -211,14 +307,26 @@ class CudaBackend final : public Backend {
 
   void matmul(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias, bool accumulate) override {
     const Tensor& w = weight.data;
-    const int64_t T = x.rows, n = w.rows, k = w.cols;
-    check(weight.format == Format::BF16 && x.dtype == DType::BF16, "matmul: expects bf16 weights and input");
+    const int64_t T = x.rows, n = weight.rows(), k = weight.cols();
+    check((weight.format == Format::BF16 || is_quantized(weight.format)) && x.dtype == DType::BF16,
+          "matmul: expects bf16 or quantized weights and a bf16 input");
     check(x.cols == k && out.rows == T && out.cols == n, "matmul: shape mismatch");
     check(out.dtype == DType::F32 || (out.dtype == DType::BF16 && !accumulate),
           "matmul: accumulate needs an F32 output");
     check(!bias || (bias->dtype == DType::F32 && bias->numel() == n), "matmul: bias must be F32 (1, n)");
     const float* b = bias ? bias->ptr<float>() : nullptr;
     const bool f32 = out.dtype == DType::F32;
+    if (is_quantized(weight.format)) {
+      if (T == 1 && cuda::qgemv_supported(x.data, k)) {
+        const int wpb = cuda::gemv_default_warps(quant_blocks(n), w.cols / 16, prop_.multiProcessorCount);
+        qgemv_splits_.emplace(std::make_tuple(weight.format, n, k), wpb);
+        cuda::launch_qgemv(weight.format, w.ptr<uint8_t>(), x.ptr<bf16>(), k, n, out.data, f32, accumulate, b, wpb,
+                           stream_);
+        return;
+      }
+      quantized_gemm(out, x, weight, b, accumulate);
+      return;
+    }
     if (T == 1 && tuner_.mode() != GemvTuner::Mode::Cublas && cuda::gemv_supported(w.data, w.ld, x.data, k)) {
       const GemvTuner::Choice c = tuner_.choose(
           n, k, timing_, stream_,
@@ -367,6 +475,20 @@ class CudaBackend final : public Backend {
     cuda::launch_add_bias(out.data, false, out.ld, gemm_scratch_.as<const float>(), n, bias, n, T, stream_);
   }
 
+  // The batched product by a quantized weight: tiles of its rows dequantized to bf16 (row stride a whole number of
+  // groups), each through gemm() into its columns of out.
+  void quantized_gemm(const Tensor& out, const Tensor& x, const Weight& w, const float* bias, bool accumulate) {
+    const int64_t n = w.rows(), k = w.cols(), ld = quant_groups(k) * kQuantGroup;
+    const int64_t tile = int64_t(dequant_tile_.bytes / size_t(ld * 2)) / kQuantRows * kQuantRows;
+    check(dequant_tile_.p && tile >= kQuantRows, "matmul: a quantized weight not allocated by this backend");
+    for (int64_t n0 = 0; n0 < n; n0 += tile) {
+      const int64_t nt = std::min(tile, n - n0);
+      cuda::launch_dequant(w.format, w.data.ptr<uint8_t>(), k, n0, nt, dequant_tile_.p, false, ld, nullptr, stream_);
+      gemm(out.slice_cols(n0, nt), x, Tensor{dequant_tile_.p, DType::BF16, nt, k, ld}, bias ? bias + n0 : nullptr,
+           accumulate);
+    }
+  }
+
   void cublas_gemm(void* c, cudaDataType_t ctype, int64_t ldc, const Tensor& x, const Tensor& w, int64_t T, int64_t n,
                    int64_t k, float alpha, float beta) {
     QWEN_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(T), int(k), &alpha, w.data, CUDA_R_16BF,
@@ -398,6 +520,9 @@ class CudaBackend final : public Backend {
   bool warmed_up_ = false, timing_ = false;
 
   Scratch gemm_scratch_, attn_part_o_, attn_part_ml_, attn_counters_;
+  Scratch dequant_tile_;       // bf16 rows of a quantized weight, for batched matmuls (sized at load)
+  std::mutex shared_blocks_;  // upload_weight's read-patch-write of blocks that two calls share
+  std::map<std::tuple<Format, int64_t, int64_t>, int> qgemv_splits_;  // (format, n, k) → warps per block
   float* am_v_ = nullptr;
   int32_t* am_i_ = nullptr;
   unsigned* am_counters_ = nullptr;

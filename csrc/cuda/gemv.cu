@@ -86,11 +86,11 @@ bool gemv_supported(const void* W, int64_t ldw, const void* x, int64_t k) {
          reinterpret_cast<uintptr_t>(x) % 16 == 0 && k < (int64_t(1) << 30);
 }
 
-int gemv_default_warps(int64_t n, int64_t k, int sms) {
-  // Aim for ~32 resident warps per multiprocessor streaming at once; never split a row finer than 2 chunks a lane.
+int gemv_default_warps(int64_t units, int64_t chunks, int sms) {
+  // Aim for ~32 resident warps per multiprocessor streaming at once; never split a unit finer than 2 chunks a lane.
   const int64_t want = int64_t(sms) * 32;
   int wpr = 1;
-  while (wpr < kWarps && n * wpr < want && (k / 8) >= int64_t(wpr) * 2 * 32 * 2) wpr *= 2;
+  while (wpr < kWarps && units * wpr < want && chunks >= int64_t(wpr) * 2 * 32 * 2) wpr *= 2;
   return wpr;
 }
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cuda/common.cuh"
+#include "tensor.h"
 
 namespace qwen {
 namespace cuda {
@@ -51,8 +52,20 @@ void launch_argmax(const float* x, int64_t ldx, int64_t n, int64_t rows, float* 
 bool gemv_supported(const void* W, int64_t ldw, const void* x, int64_t k);
 void launch_gemv(const bf16* W, int64_t ldw, const bf16* x, int64_t k, int64_t n, void* out, bool out_f32,
                  bool accumulate, const float* bias, int warps_per_row, cudaStream_t stream);
-// A sensible warps_per_row when nothing has been measured: enough warps in flight to cover `sms` multiprocessors.
-int gemv_default_warps(int64_t n, int64_t k, int sms);
+// A sensible split when nothing has been measured: enough warps in flight to cover `sms` multiprocessors. `units`
+// are what one group of warps owns (rows; quantized: blocks of 4 rows), `chunks` a unit's bytes / 16.
+int gemv_default_warps(int64_t units, int64_t chunks, int sms);
+
+// --- quantized weights (tensor.h's Q8 / Q4 layout, the same bytes as on the host) ------------------------------
+// One token: out (n) = W (n, k) · x (k) + bias, x bf16 and 16-byte aligned (qgemv_supported), f32 accumulation;
+// each block of 4 rows split across `warps_per_block` (1, 2, 4 or 8) warps. out is F32 (optionally +=) or bf16.
+bool qgemv_supported(const void* x, int64_t k);
+void launch_qgemv(Format f, const uint8_t* W, const bf16* x, int64_t k, int64_t n, void* out, bool out_f32,
+                  bool accumulate, const float* bias, int warps_per_block, cudaStream_t stream);
+// out row t (of `rows`, row stride ldo) = row row0 + t of W, or with `ids` row (the token id of pass row t), as F32
+// or bf16 (k values; nothing past k is written).
+void launch_dequant(Format f, const uint8_t* W, int64_t k, int64_t row0, int64_t rows, void* out, bool out_f32,
+                    int64_t ldo, const StepParams* ids, cudaStream_t stream);
 
 // --- attention -------------------------------------------------------------------------------------------------
 struct AttnArgs {

@@ -42,7 +42,7 @@ GemvTuner::Choice GemvTuner::choose(int64_t n, int64_t k, bool timing, cudaStrea
   auto it = choices_.find(key);
   if (it != choices_.end()) return it->second;
   Choice c;
-  c.wpr = gemv_default_warps(n, k, sms_);
+  c.wpr = gemv_default_warps(n, k / 8, sms_);
   if (mode_ == Mode::Auto && timing) {
     c = tune(n, k, stream, gemv, cublas);
     choices_[key] = c;

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="Hub branch, tag or commit (default main)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (the default; overrides --device)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", help="bfloat16 (bf16), float32 (f32), int8 or int4 (CPU, quantized at load); default: "
+    p.add_argument("--dtype", help="bfloat16 (bf16), float32 (f32), int8 or int4 (quantized at load); default: "
                                    "the checkpoint's on CPU")
     p.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy (default: the model's "
                                                      "generation_config.json)")

@@ -379,7 +379,7 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
 
     `dtype` None picks: on the CPU the checkpoint's own dtype when it is bfloat16 (weights stay bf16, sums in
     float32; prompt matmuls take bf16-rounded inputs where the CPU has AVX512-BF16), else float32; on CUDA
-    bfloat16. "float32" is float32 throughout. "int8" and "int4" (CPU) quantize the weights at load, in groups of
+    bfloat16. "float32" is float32 throughout. "int8" and "int4" quantize the weights at load, in groups of
     32 with float16 scales (8.5 and 5 bits per weight; with int4 the embedding and lm_head stay int8); activations
     stay float32. `max_context` is the KV cache size of a sequence in tokens (None or 0:
     min(max_position_embeddings, 4096)); `max_batch` how many sequences run at once, each with its own KV cache
@@ -411,8 +411,6 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
             dt = "bfloat16" if checkpoint_dtype(table) == "BF16" else "float32"
         else:
             dt = "bfloat16"
-    if dt in ("int8", "int4") and device != "cpu":
-        raise ValueError(f"dtype=\"{dt}\" runs on the CPU for now; on {device} use dtype=\"bfloat16\"")
     if max_batch is None:
         max_batch = default_max_batch(config, table, device, dt, max_context)
     present = {entry[0] for entry in table}

@@ -72,9 +72,10 @@ def main() -> int:
     include = [f"-I{os.path.join(HERE, 'include')}", f"-I{os.path.join(ROOT, 'csrc')}",
                f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
     # The emulated decode attention splits the cache every 8 keys (64 on a GPU) so that tiny test contexts
-    # exercise the split-KV merge.
+    # exercise the split-KV merge; batched quantized matmuls dequantize tiles of 4096 values (4M on a GPU) so
+    # that tiny test matrices take several.
     flags = ["-std=c++20", "-O1", "-g", "-fPIC", "-fvisibility=hidden", "-DQWEN_CUDA=1",
-             "-DQWEN_CUDA_DECODE_MIN_CHUNK=8",
+             "-DQWEN_CUDA_DECODE_MIN_CHUNK=8", "-DQWEN_CUDA_DEQUANT_TILE_ELEMS=4096",
              "-DQWEN_CUDA_TUNE_MAX_REPS=1", "-DQWEN_CUDA_TUNE_LAUNCHES=1", "-Wall", "-Wno-unused-parameter", "-Wno-unused-variable", "-Wno-unknown-pragmas"]
 
     def compile_one(item):

@@ -22,6 +22,7 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+struct __attribute__((aligned(8))) uint2 { unsigned x, y; };
 struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
 
 namespace emu {
@@ -51,6 +52,17 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
 }
 inline int __shfl_xor_sync(unsigned, int v, int mask) { return int(emu::shfl32(uint32_t(v), int(threadIdx.x & 31) ^ mask)); }
 inline float __shfl_sync(unsigned, float v, int src) { return __uint_as_float(emu::shfl32(__float_as_uint(v), src & 31)); }
+// Byte i of the result is byte (s >> 4i) & 7 of the eight bytes y:x, or with bit 3 of that nibble set, that byte's
+// sign replicated.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t b = uint64_t(y) << 32 | x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned sel = (s >> (4 * i)) & 15u, v = unsigned(b >> (8 * (sel & 7u))) & 0xffu;
+    r |= (sel & 8u ? (v & 0x80u ? 0xffu : 0u) : v) << (8 * i);
+  }
+  return r;
+}
 template <class T> inline T __ldg(const T* p) { return *p; }
 template <class T> inline T __ldcs(const T* p) { return *p; }
 template <class T> inline T __ldcg(const T* p) { return *p; }
