@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import background  # noqa: E402
 from fixtures import make_config, random_weights, write_checkpoint  # noqa: E402
 from tokenizer_fixture import write_tokenizer  # noqa: E402
 
@@ -123,3 +124,21 @@ def hf_cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib
 def read_json(path: os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+# Tests whose work runs in a background job (tests/background.py): each module's `background_job()` gives
+# (name, argv, env, cwd) or None when its test will skip.
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    late = [item for item in items if hasattr(item.module, "background_job")]
+    if not late:
+        return
+    items[:] = [item for item in items if item not in late] + late  # collected last, after the others ran
+    for module in {item.module for item in late}:
+        job = module.background_job()
+        if job is not None:
+            background.start(*job)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    background.stop_all()

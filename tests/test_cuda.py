@@ -77,7 +77,8 @@ CONFIGS = {
     # down_proj's 16 blocks of rows are 104 groups wide: its quantized one-token matmul splits them across 8 warps.
     "wide-mlp": dict(intermediate_size=3328),
 }
-QUANTIZED_CONFIGS = ["gqa2-tied", "mha-untied", "group6-hd64", "odd", "wide-mlp"]
+# (the emulation leaves out group6-hd64: its shapes add nothing the others lack, and it is the slowest there)
+QUANTIZED_CONFIGS = ["gqa2-tied", "mha-untied", "odd", "wide-mlp"] + ([] if EMULATED else ["group6-hd64"])
 
 
 def checkpoint(tmp_path, name="gqa2-tied", dtype="BF16", seed=0, quantized=None, **overrides):
@@ -261,8 +262,8 @@ def test_graph_replay_is_identical_to_eager(tmp_path, monkeypatch, mode, fmt, na
     ids = prompt(15, cfg["vocab_size"], seed=11)
     np.testing.assert_array_equal(with_graph.prefill(ids), eager.prefill(ids))
     launches = _lib.qwen_cuda_emu_graph_launches() if EMULATED else None
-    tok = 7
-    for step in range(20):
+    tok, steps = 7, 8 if EMULATED else 20
+    for step in range(steps):
         a, b = with_graph.decode(tok), eager.decode(tok)
         np.testing.assert_array_equal(a, b, err_msg=f"decode step {step}")
         tok = int(np.argmax(a))
@@ -272,7 +273,7 @@ def test_graph_replay_is_identical_to_eager(tmp_path, monkeypatch, mode, fmt, na
         assert ta == tb
     if EMULATED:
         # the first decode step runs eagerly (it sizes and times things), every later one replays the graph
-        assert _lib.qwen_cuda_emu_graph_launches() - launches == 20 - 1 + 5
+        assert _lib.qwen_cuda_emu_graph_launches() - launches == steps - 1 + 5
 
 
 def ragged(seqs, parts):

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import background
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATIVE_TESTS = ["tests/test_core.py", "tests/test_kernels.py", "tests/test_hardening.py", "tests/test_fuzz.py"]
 
@@ -29,12 +31,20 @@ def _sanitizers_available() -> str:
     return ""
 
 
+def background_job():
+    """The sanitized build and its test run, as a background job (tests/background.py) beside the rest of the
+    suite."""
+    if _sanitizers_available():
+        return None
+    argv = ["bash", os.path.join(ROOT, "scripts", "sanitize.sh"), *NATIVE_TESTS, "-q", "-p", "no:cacheprovider"]
+    return "sanitizers", argv, dict(os.environ, PYTHON=sys.executable), ROOT
+
+
 @pytest.mark.skipif(bool(_sanitizers_available()), reason=_sanitizers_available() or "available")
 def test_native_code_under_asan_and_ubsan():
-    env = dict(os.environ, PYTHON=sys.executable)
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "sanitize.sh"), *NATIVE_TESTS, "-q",
-                        "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True)
-    tail = (r.stdout + r.stderr)[-6000:]
-    assert r.returncode == 0, tail
+    name, argv, env, cwd = background_job()
+    rc, out = background.result(name, argv, timeout=2400, env=env, cwd=cwd)
+    tail = out[-6000:]
+    assert rc == 0, tail
     assert "ERROR: AddressSanitizer" not in tail and "runtime error:" not in tail, tail
     assert " passed" in tail, tail
