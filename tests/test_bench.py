@@ -198,3 +198,23 @@ def test_gguf_streamed_bytes(tmp_path):
         f.write(b"NOPE" + b"\0" * 32)
     with pytest.raises(gguf_info.GGUFError):
         gguf_info.read_gguf(str(tmp_path / "bad.gguf"))
+
+
+def test_serve_bench_end_to_end(tiny_dir, tmp_path):
+    """bench/serve_bench.py against our server on the tiny checkpoint: every figure for every client count; a peer
+    that cannot start is reported in the JSON, not fatal."""
+    out = tmp_path / "serve.json"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "serve_bench.py"), "--model", str(tiny_dir),
+                        "--dtype", "float32", "--clients", "1,3", "--requests", "2", "--max-tokens", "5",
+                        "--threads", "1", "--max-context", "256", "--ready-timeout", "120",
+                        "--peer-gguf", str(tmp_path / "missing.gguf"), "--logs", str(tmp_path), "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert [r["clients"] for r in rows] == [1, 3] and all(r["server"] == "qwen-native float32" for r in rows)
+    for r in rows:
+        assert r["requests"] == 2 * r["clients"] and not r["errors"], r
+        assert 2 * r["clients"] <= r["tokens"] <= 5 * 2 * r["clients"]
+        assert r["aggregate_tps"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p95_s"] < r["wall_s"]
+    assert "peer_error" in res["meta"] and "| qwen-native float32 | 3 |" in p.stdout
