@@ -273,3 +273,40 @@ def test_generate_batch_returns_results_in_order(tiny_dir, alone):
             assert r.token_ids == alone_r.token_ids
         with pytest.raises(TypeError, match="list of prompts"):
             m.generate_batch("one prompt")
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_dir, alone, monkeypatch):
+    """A prompt longer than a chunk joins a running stream: it is prefilled a chunk per pass, and every one of those
+    passes also carries the stream's decode row, so the stream never waits for the whole prompt; the prompt's
+    answer is what it is alone."""
+    from qwen_native import scheduler
+
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 8)
+    long_prompt = "Where is the sea " * 6
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=2) as m:
+        passes = []
+        real = m._scheduler.core
+
+        class Recorder:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def forward(self, slots, ids, positions, **kw):
+                passes.append(list(zip(slots, positions)))
+                return real.forward(slots, ids, positions, **kw)
+
+        m._scheduler.core = Recorder()
+        prompt0, kw0 = job(0)
+        s = m.generate(prompt0, stream=True, **dict(kw0, max_new_tokens=150))
+        next(s)
+        stream_slot = passes[0][0][0]
+        r = m.generate(long_prompt, max_new_tokens=3, chat_template=False, **GREEDY)
+        assert "".join(s) is not None  # the stream runs to its end
+    long_slot = next(slot for p in passes for slot, _ in p if slot != stream_slot)
+    chunks = [[pos for slot, pos in p if slot == long_slot and pos < r.prefill_tokens] for p in passes]
+    with_chunk = [p for p, c in zip(passes, chunks) if c]
+    assert r.prefill_tokens > 3 * 8 and sum(len(c) for c in chunks) == r.prefill_tokens
+    assert len(with_chunk) == -(-r.prefill_tokens // 8) and all(len(c) <= 8 for c in chunks)
+    assert all(sum(slot == stream_slot for slot, _ in p) == 1 for p in with_chunk), with_chunk
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=1) as m1:
+        assert r.token_ids == m1.generate(long_prompt, max_new_tokens=3, chat_template=False, **GREEDY).token_ids
