@@ -38,6 +38,7 @@ constexpr int64_t kTileFloats = int64_t(2) << 20;  // per-thread f32 tile of bf1
 constexpr int64_t kRowAlign = 16;                  // rows per thread are multiples of this (cache lines of y)
 constexpr int64_t kAttnRows = 16;                  // query rows per attention work item
 constexpr int64_t kIntRows = 96;                   // quantized runs up to this long use integer dot products
+constexpr int64_t kGemvRows = 32;                  // bf16 runs up to this long use the GEMV (without a bf16 GEMM)
 
 int64_t available_memory_bytes() {
   std::ifstream f("/proc/meminfo");
@@ -279,6 +280,10 @@ class CpuBackend final : public Backend {
     }
     if (weight.format == Format::F32) gemm_f32(out, x, w, b, accumulate);
     else if (K_.gemm_bf16_cols) gemm_bf16(out, x, w, b, accumulate);
+    // Short runs (verified proposals, short prompts, a prompt's last chunk) as rows of the GEMV: each row the
+    // arithmetic of a decode step, and the weights read as bf16 instead of widened to float32 tiles first (Zen 3,
+    // 1.5B, 2 threads: 4 rows 682 -> 236 ms, 16 rows 1093 -> 628 ms, 32 rows 1454 -> 1075 ms).
+    else if (T <= kGemvRows) matmul_rows(out, x, weight, bias, accumulate);
     else gemm_widened(out, x, weight, b, accumulate);
   }
 
