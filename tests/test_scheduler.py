@@ -310,3 +310,32 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_dir, alone
     assert all(sum(slot == stream_slot for slot, _ in p) == 1 for p in with_chunk), with_chunk
     with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=1) as m1:
         assert r.token_ids == m1.generate(long_prompt, max_new_tokens=3, chat_template=False, **GREEDY).token_ids
+
+
+def test_prompts_arriving_together_are_prefilled_one_pass_each(tiny_dir, alone, monkeypatch):
+    """With PASS_PROMPT_ROWS below any prompt's length, a pass carries one prompt chunk at most (beside decode rows),
+    so prompts that arrive together are answered one after another; every answer is still what it is alone."""
+    from qwen_native import scheduler
+
+    monkeypatch.setattr(scheduler, "PASS_PROMPT_ROWS", 1)
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=4) as m:
+        passes = []
+        real = m._scheduler.core
+
+        class Recorder:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def forward(self, slots, ids, positions, **kw):
+                passes.append(list(slots))
+                return real.forward(slots, ids, positions, **kw)
+
+        m._scheduler.core = Recorder()
+        prompts = [job(i)[0] for i in range(4)]
+        results = m.generate_batch(prompts, **dict(job(0)[1], max_new_tokens=12))
+    chunks = [[slot for slot in set(p) if p.count(slot) > 1] for p in passes]  # prompts: several rows of a slot
+    assert sum(len(c) for c in chunks) == 4 and all(len(c) <= 1 for c in chunks), passes
+    assert results[0].token_ids == alone[0].token_ids
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=1) as m1:
+        for p, r in zip(prompts, results):
+            assert r.token_ids == m1.generate(p, **dict(job(0)[1], max_new_tokens=12)).token_ids

@@ -221,6 +221,37 @@ def test_32_concurrent_clients(client):
     assert not errors and len(results) == 32
 
 
+def test_more_streams_than_executor_threads_all_stream_at_once(model_dir):
+    """12 open streams (more than asyncio's default executor has threads on a small machine): every one gets its
+    first text before any of them ends, none waits for another to finish."""
+    p, url = start(model_dir, "--max-batch", "12")
+    try:
+        body = dict(prompt="Tell me a story", max_tokens=400, stream=True, temperature=1.0)
+        firsts, ends, errors = [], [], []
+
+        def one(i):
+            try:
+                first = None
+                with httpx.stream("POST", url + "/v1/completions", timeout=120, json=dict(body, seed=i)) as r:
+                    for line in r.iter_lines():
+                        if first is None and line.startswith("data: {") and '"text": ""' not in line:
+                            first = time.perf_counter()  # the first chunk with text
+                firsts.append(first)
+                ends.append(time.perf_counter())
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors and len(ends) == 12, errors
+        assert None not in firsts and max(firsts) < min(ends), (sorted(firsts), min(ends))
+    finally:
+        stop(p)
+
+
 def test_api_key_and_queue_limit(model_dir, local, monkeypatch):
     from fastapi.testclient import TestClient
 

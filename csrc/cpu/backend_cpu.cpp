@@ -221,23 +221,31 @@ class CpuBackend final : public Backend {
 
   void matmul(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias, bool accumulate) override {
     // Each run of the pass on its own, so that a sequence's results do not depend on what else is in the batch:
-    // consecutive single rows (decode steps of several sequences) together as one-row matmuls reading the weights
-    // once, a run of several rows on the GEMM. x has the pass's rows exactly when it has T of them: other callers
-    // (the lm_head) pass rows of one run.
+    // consecutive runs whose rows are computed one by one (decode steps, short runs: per_row) together as rows of
+    // one matmul reading the weights once, a longer run on the GEMM. x has the pass's rows exactly when it has T of
+    // them: other callers (the lm_head) pass rows of one run.
     if (runs_.size() > 1 && x.rows == rows_.T) {
       for (size_t i = 0; i < runs_.size();) {
         const auto [r0, n] = runs_[i];
         size_t j = i + 1;
-        if (n == 1)
-          while (j < runs_.size() && runs_[j].second == 1) ++j;
-        const int64_t m = n == 1 ? int64_t(j - i) : n;
-        if (n == 1) matmul_rows(out.slice_rows(r0, m), x.slice_rows(r0, m), weight, bias, accumulate);
+        int64_t m = n;
+        if (per_row(weight, n))
+          for (; j < runs_.size() && per_row(weight, runs_[j].second); ++j) m += runs_[j].second;
+        if (per_row(weight, n)) matmul_rows(out.slice_rows(r0, m), x.slice_rows(r0, m), weight, bias, accumulate);
         else matmul_run(out.slice_rows(r0, n), x.slice_rows(r0, n), weight, bias, accumulate);
         i = j;
       }
       return;
     }
     matmul_run(out, x, weight, bias, accumulate);
+  }
+
+  // Whether a run of n rows is computed row by row (each row the arithmetic of a one-row matmul, so runs can share
+  // one pass over the weights): single rows; quantized runs of up to kIntRows (integer dot products); bf16 runs of
+  // up to kGemvRows where there is no bf16 GEMM.
+  bool per_row(const Weight& w, int64_t n) const {
+    return n == 1 || (is_quantized(w.format) && n <= kIntRows) ||
+           (w.format == Format::BF16 && !K_.gemm_bf16_cols && n <= kGemvRows);
   }
 
   void matmul_rows(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias,
@@ -269,21 +277,16 @@ class CpuBackend final : public Backend {
     const Tensor& w = weight.data;
     const int64_t T = x.rows;
     const float* b = bias ? bias->ptr<float>() : nullptr;
-    if (T == 1) return matmul_rows(out, x, weight, bias, accumulate);  // bandwidth-bound GEMV
-    if (is_quantized(weight.format)) {
-      // Runs of up to kIntRows rows (decode steps, verified proposals, short prompts: the same arithmetic for a row
-      // whatever their length) on integer dot products, the weights read once; longer ones are compute-bound, and
-      // float32 tiles through sgemm are faster there (Zen 3, int4 1.5B: 29-31 tok/s on integers at any length;
-      // widened tiles 24 tok/s at 64 rows, 32 at 128, 37 at 256).
-      if (T <= kIntRows) return matmul_quantized(out, x, weight, b, accumulate);
-      return gemm_widened(out, x, weight, b, accumulate);
-    }
+    // Row by row: a one-row GEMV (bandwidth-bound); quantized runs of up to kIntRows rows on integer dot products,
+    // the weights read once (longer ones are compute-bound, and float32 tiles through sgemm are faster there: Zen 3,
+    // int4 1.5B, 29-31 tok/s on integers at any length; widened tiles 24 tok/s at 64 rows, 32 at 128, 37 at 256);
+    // bf16 runs of up to kGemvRows (verified proposals, short prompts, a prompt's last chunk) on the several-input
+    // GEMV, the weights read as bf16 instead of widened to float32 tiles first (Zen 3, 1.5B, 2 threads: 4 rows 682
+    // -> 236 ms, 16 rows 1093 -> 628 ms, 32 rows 1454 -> 1075 ms).
+    if (per_row(weight, T)) return matmul_rows(out, x, weight, bias, accumulate);
+    if (is_quantized(weight.format)) return gemm_widened(out, x, weight, b, accumulate);
     if (weight.format == Format::F32) gemm_f32(out, x, w, b, accumulate);
     else if (K_.gemm_bf16_cols) gemm_bf16(out, x, w, b, accumulate);
-    // Short runs (verified proposals, short prompts, a prompt's last chunk) as rows of the GEMV: each row the
-    // arithmetic of a decode step, and the weights read as bf16 instead of widened to float32 tiles first (Zen 3,
-    // 1.5B, 2 threads: 4 rows 682 -> 236 ms, 16 rows 1093 -> 628 ms, 32 rows 1454 -> 1075 ms).
-    else if (T <= kGemvRows) matmul_rows(out, x, weight, bias, accumulate);
     else gemm_widened(out, x, weight, b, accumulate);
   }
 

@@ -33,6 +33,10 @@ __all__ = ["Scheduler", "Request", "PREFILL_CHUNK"]
 # Prompt ids of one sequence per step. Each prompt is cut the same way whatever else runs, so its arithmetic (and
 # its tokens) do not depend on the batch.
 PREFILL_CHUNK = 512
+# Prompt rows a pass takes beside the first prompt chunk in it: later prompts wait for another pass, so prompts that
+# arrive together are answered one after another (the first at once) instead of all at the end of one long pass,
+# and the running sequences' decode steps come between them. Chunks are never cut to fit: the limit only defers.
+PASS_PROMPT_ROWS = 32
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -434,8 +438,19 @@ class Scheduler:
         ids: List[int] = []
         positions: List[int] = []
         logit_rows: List[int] = []
+        prompt_rows = 0
         for s in batch:
             s.plan(self._max_context - s.fed)
+        # Decode rows all; prompt chunks in order of arrival while they fit PASS_PROMPT_ROWS (at least one).
+        taken = []
+        for s in batch:
+            if s.prefilling:
+                if prompt_rows and prompt_rows + len(s.feed) > PASS_PROMPT_ROWS:
+                    continue
+                prompt_rows += len(s.feed)
+            taken.append(s)
+        batch = taken
+        for s in batch:
             slots += [s.slot] * len(s.feed)
             positions += range(s.fed, s.fed + len(s.feed))
             ids += s.feed

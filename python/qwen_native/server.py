@@ -147,6 +147,34 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _in_thread(fn: Any, *args: Any) -> "asyncio.Future[Any]":
+    """fn(*args) on a thread of its own, as an awaitable. For waits on a generation, which last as long as it does:
+    the event loop's default executor has min(32, CPUs + 4) threads, so with more open requests than that the later
+    ones would not be read (or streamed) until earlier ones ended."""
+    loop = asyncio.get_running_loop()
+    fut: "asyncio.Future[Any]" = loop.create_future()
+
+    def settle(result: Any, error: Optional[BaseException]) -> None:
+        if not fut.done():
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # handed to the awaiting coroutine
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=run, daemon=True, name="qwen-native-wait").start()
+    return fut
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -214,7 +242,7 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None,
 
     async def wait_all(http: HTTPRequest, requests: List[Request]) -> List[Outcome]:
         """The outcomes, cancelling every generation if the client goes away first."""
-        tasks = [asyncio.ensure_future(asyncio.to_thread(r.wait)) for r in requests]
+        tasks = [_in_thread(r.wait) for r in requests]
         try:
             while not all(t.done() for t in tasks):
                 await asyncio.wait(tasks, timeout=0.25)
@@ -240,7 +268,7 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None,
             except BaseException:
                 loop.call_soon_threadsafe(queue.put_nowait, (i, None, r))
 
-        readers = [loop.run_in_executor(None, read, i, r) for i, r in enumerate(requests)]
+        readers = [_in_thread(read, i, r) for i, r in enumerate(requests)]
         left = len(requests)
         try:
             while left:
