@@ -275,6 +275,23 @@ def test_generate_batch_returns_results_in_order(tiny_dir, alone):
             m.generate_batch("one prompt")
 
 
+def record_passes(m):
+    """The (slot, position) rows of every pass the model's scheduler runs from now on."""
+    passes = []
+    real = m._scheduler.core
+
+    class Recorder:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def forward(self, slots, ids, positions, **kw):
+            passes.append(list(zip(slots, positions)))
+            return real.forward(slots, ids, positions, **kw)
+
+    m._scheduler.core = Recorder()
+    return passes
+
+
 def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_dir, alone, monkeypatch):
     """A prompt longer than a chunk joins a running stream: it is prefilled a chunk per pass, and every one of those
     passes also carries the stream's decode row, so the stream never waits for the whole prompt; the prompt's
@@ -284,18 +301,7 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_dir, alone
     monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 8)
     long_prompt = "Where is the sea " * 6
     with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=2) as m:
-        passes = []
-        real = m._scheduler.core
-
-        class Recorder:
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def forward(self, slots, ids, positions, **kw):
-                passes.append(list(zip(slots, positions)))
-                return real.forward(slots, ids, positions, **kw)
-
-        m._scheduler.core = Recorder()
+        passes = record_passes(m)
         prompt0, kw0 = job(0)
         s = m.generate(prompt0, stream=True, **dict(kw0, max_new_tokens=150))
         next(s)
@@ -319,22 +325,12 @@ def test_prompts_arriving_together_are_prefilled_one_pass_each(tiny_dir, alone, 
 
     monkeypatch.setattr(scheduler, "PASS_PROMPT_ROWS", 1)
     with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=4) as m:
-        passes = []
-        real = m._scheduler.core
-
-        class Recorder:
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def forward(self, slots, ids, positions, **kw):
-                passes.append(list(slots))
-                return real.forward(slots, ids, positions, **kw)
-
-        m._scheduler.core = Recorder()
+        passes = record_passes(m)
         prompts = [job(i)[0] for i in range(4)]
         results = m.generate_batch(prompts, **dict(job(0)[1], max_new_tokens=12))
-    chunks = [[slot for slot in set(p) if p.count(slot) > 1] for p in passes]  # prompts: several rows of a slot
-    assert sum(len(c) for c in chunks) == 4 and all(len(c) <= 1 for c in chunks), passes
+    slots = [[slot for slot, _ in p] for p in passes]
+    chunks = [[slot for slot in set(p) if p.count(slot) > 1] for p in slots]  # prompts: several rows of a slot
+    assert sum(len(c) for c in chunks) == 4 and all(len(c) <= 1 for c in chunks), slots
     assert results[0].token_ids == alone[0].token_ids
     with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=1) as m1:
         for p, r in zip(prompts, results):
