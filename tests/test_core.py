@@ -512,3 +512,20 @@ def test_decode_rows_of_seventeen_sequences_equal_each_alone(tmp_path, dtype):
         alone = load(d, dtype=dtype, num_slots=1)
         alone.prefill(p)
         np.testing.assert_array_equal(together[s], alone.decode((11 * s + 1) % V), err_msg=f"sequence {s}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+def test_a_verify_pass_equals_decode_steps(tmp_path, dtype):
+    """A sequence's last token and proposed ids fed as one run of rows (speculative verification) give, row for
+    row and bit for bit, the logits of decoding them one at a time: so verifying proposals never changes a greedy
+    answer. bfloat16 on CPUs with a bf16 GEMM (AVX512-BF16) rounds batched inputs to bf16 and is exempt."""
+    d, cfg, _ = checkpoint(tmp_path, disk_dtype="BF16", tie_word_embeddings=False)
+    if dtype == "bfloat16" and _core.isa().endswith("+bf16"):
+        pytest.skip("batched bf16 rows take the bf16 GEMM on this CPU")
+    run = NEXT[:9]  # the last token and 8 proposals
+    verify, step = load(d, dtype=dtype), load(d, dtype=dtype)
+    verify.prefill(IDS)
+    step.prefill(IDS)
+    together = verify.forward(*rows((0, len(IDS), run)), logit_rows=list(range(len(run))))
+    for i, t in enumerate(run):
+        np.testing.assert_array_equal(together[i], step.decode(t), err_msg=f"row {i}")

@@ -38,7 +38,7 @@ constexpr int64_t kTileFloats = int64_t(2) << 20;  // per-thread f32 tile of bf1
 constexpr int64_t kRowAlign = 16;                  // rows per thread are multiples of this (cache lines of y)
 constexpr int64_t kAttnRows = 16;                  // query rows per attention work item
 constexpr int64_t kIntRows = 96;                   // quantized runs up to this long use integer dot products
-constexpr int64_t kGemvRows = 32;                  // bf16 runs up to this long use the GEMV (without a bf16 GEMM)
+constexpr int64_t kGemvRows = 32;                  // float32 / bf16 runs up to this long use the GEMV
 
 int64_t available_memory_bytes() {
   std::ifstream f("/proc/meminfo");
@@ -241,11 +241,12 @@ class CpuBackend final : public Backend {
   }
 
   // Whether a run of n rows is computed row by row (each row the arithmetic of a one-row matmul, so runs can share
-  // one pass over the weights): single rows; quantized runs of up to kIntRows (integer dot products); bf16 runs of
-  // up to kGemvRows where there is no bf16 GEMM.
+  // one pass over the weights, and verified proposals are decode steps bit for bit): single rows; quantized runs of
+  // up to kIntRows (integer dot products); float32 runs, and bf16 runs where there is no bf16 GEMM, of up to
+  // kGemvRows.
   bool per_row(const Weight& w, int64_t n) const {
     return n == 1 || (is_quantized(w.format) && n <= kIntRows) ||
-           (w.format == Format::BF16 && !K_.gemm_bf16_cols && n <= kGemvRows);
+           ((w.format == Format::F32 || (w.format == Format::BF16 && !K_.gemm_bf16_cols)) && n <= kGemvRows);
   }
 
   void matmul_rows(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias,

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--prompt-lookup", type=_positive_int, metavar="K",
+                   help="speculative decoding by prompt lookup: up to K proposed tokens per step, taken from the "
+                        "prompt and the answer so far (greedy only; the same output, faster when the answer "
+                        "repeats its input)")
     p.add_argument("--max-context", type=_positive_int, help="KV cache size in tokens (default min(model, 4096))")
     p.add_argument("--threads", type=_nonneg_int, help="CPU threads (default: all available)")
     p.add_argument("--local-files-only", action="store_true", help="never download; use the local cache only")
@@ -117,6 +121,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=_nonneg_int, default=None,
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/ requests")
+    p.add_argument("--speculative", metavar="ngram[:K]",
+                   help="speculative decoding for greedy requests: ngram = prompt lookup, up to K (default 10) "
+                        "proposed tokens per step; a request's prompt_lookup_num_tokens overrides K")
     p.add_argument("--threads", type=_nonneg_int, default=None, help="CPU threads (default: all usable)")
     p.add_argument("--local-files-only", action="store_true", help="never download; use the local HF cache only")
     return p
@@ -134,6 +141,13 @@ def _serve(argv: List[str]) -> int:
         _err(_one_line(e))
         return 1
     kw = {} if args.max_queue is None else {"max_queue": args.max_queue}
+    if args.speculative is not None:
+        kind, _, k = args.speculative.partition(":")
+        if kind != "ngram" or (k and not (k.isdigit() and 1 <= int(k) <= 64)):
+            _err(f"--speculative must be ngram or ngram:K with K in 1..64, got {args.speculative!r} "
+                 f"(see {PROG} serve --help)")
+            return 2
+        kw["prompt_lookup"] = int(k or 10)
     return server.serve(_model_name(args.model), host=args.host, port=args.port, api_key=args.api_key,
                         revision=args.revision, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                         max_context=args.max_context, num_threads=args.threads,
@@ -189,6 +203,7 @@ def _main(argv: List[str]) -> int:
         # Bad values fail before the (slow) load.
         check_sampling_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repeat_penalty, seed=args.seed)
+        qwen_native.GenerationOptions(prompt_lookup_num_tokens=args.prompt_lookup)
         device = "cpu" if args.cpu else args.device
         model = qwen_native.load(_model_name(args.model), revision=args.revision, device=device, dtype=args.dtype,
                                  max_context=args.max_context, num_threads=args.threads,
@@ -201,7 +216,8 @@ def _main(argv: List[str]) -> int:
                                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                 repetition_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
                                 seed=args.seed, stop=args.stop, stream=True, system=args.system,
-                                chat_template=not args.no_chat_template)
+                                chat_template=not args.no_chat_template,
+                                prompt_lookup_num_tokens=args.prompt_lookup)
         out = sys.stdout
         for piece in stream:
             out.write(piece)

@@ -28,6 +28,7 @@ from .generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, TokenLogprob
 from .hub import ModelFiles, resolve
 from .sampling import SamplingParams
 from .scheduler import Outcome, Request, Scheduler
+from .speculative import PromptLookup
 
 __all__ = ["Model", "GenerationResult", "GenerationStream", "GenerationOptions", "load", "generate",
            "clear_model_cache", "DEFAULT_MODEL", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_MAX_BATCH"]
@@ -72,6 +73,7 @@ class GenerationResult:
     total_s: float
     stop_string: Optional[str] = None
     logprobs: Optional[List[TokenLogprob]] = None  # with logprobs=True: one per generated token
+    decode_passes: int = 0  # forward passes after the first token (fewer than decode_tokens with speculation)
 
     def __str__(self) -> str:
         return self.text
@@ -83,7 +85,8 @@ class GenerationResult:
                    cached_tokens=o.cached_tokens, prefill_tokens=prefill_n, prefill_s=o.prefill_s,
                    prefill_tok_s=prefill_n / o.prefill_s if o.prefill_s > 0 else 0.0, decode_tokens=o.decode_tokens,
                    decode_s=o.decode_s, decode_tok_s=o.decode_tokens / o.decode_s if o.decode_s > 0 else 0.0,
-                   ttft_s=o.ttft_s, total_s=o.total_s, stop_string=o.stop_string, logprobs=o.logprobs)
+                   ttft_s=o.ttft_s, total_s=o.total_s, stop_string=o.stop_string, logprobs=o.logprobs,
+                   decode_passes=o.decode_passes)
 
 
 class GenerationStream(Iterator[str]):
@@ -336,6 +339,8 @@ class Model:
         request = Request(ids, params, None if opts.seed is None else int(opts.seed) + seed_offset, max_new,
                           opts.stop or (), frozenset(self.eos_token_ids), stream, t0,
                           logprobs=opts.top_logprobs if opts.logprobs else None)
+        if opts.prompt_lookup_num_tokens and params.greedy:
+            request.proposer = PromptLookup(opts.prompt_lookup_num_tokens, opts.max_matching_ngram_size or 2)
         self._scheduler.submit(request)
         return request
 

@@ -14,6 +14,7 @@ import numpy as np
 from .config import GenerationDefaults
 from .errors import ContextLengthError
 from .sampling import SamplingParams, check_sampling_args
+from .speculative import MAX_PROPOSED
 
 __all__ = ["GenerationOptions", "TextAssembler", "StopScanner", "TokenLogprob", "Piece"]
 
@@ -36,6 +37,10 @@ class GenerationOptions:
     - ``seed``: makes sampling repeatable.
     - ``logprobs``: report each generated token's log-probability (log-softmax of the logits after the penalties
       and the temperature, before top-k / top-p / min-p) and ``top_logprobs`` (0-20) alternatives with theirs.
+    - ``prompt_lookup_num_tokens``: speculative decoding by prompt lookup (transformers' name): up to this many
+      (1-64) ids proposed per step from an earlier occurrence of the last ``max_matching_ngram_size`` (default 2)
+      ids, verified in one pass. Greedy decoding only (ignored when sampling); the tokens are exactly those of
+      plain greedy decoding.
     - ``stop``: a string or list of strings; the text ends before the first one generated.
     - ``system``: a system message put before a string or message-list prompt; ``chat_template=False`` uses a
       string prompt as raw text instead of rendering the chat template."""
@@ -53,6 +58,8 @@ class GenerationOptions:
     seed: Optional[int] = None
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_lookup_num_tokens: Optional[int] = None
+    max_matching_ngram_size: Optional[int] = None
     stop: Union[None, str, Sequence[str]] = None
     system: Optional[str] = None
     chat_template: bool = True
@@ -72,6 +79,13 @@ class GenerationOptions:
             raise ValueError(f"top_logprobs must be between 0 and 20, got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=True")
+        for name, hi in (("prompt_lookup_num_tokens", MAX_PROPOSED), ("max_matching_ngram_size", 16)):
+            v = getattr(self, name)
+            if v is not None:
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                    raise TypeError(f"{name} must be an integer, got {v!r}")
+                if not 1 <= v <= hi:
+                    raise ValueError(f"{name} must be between 1 and {hi}, got {v}")
         if self.do_sample is not None and not isinstance(self.do_sample, (bool, np.bool_)):
             raise TypeError(f"do_sample must be True, False or None, got {self.do_sample!r}")
         if not isinstance(self.chat_template, (bool, np.bool_)):

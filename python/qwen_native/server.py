@@ -66,17 +66,21 @@ def _int(body: Dict[str, Any], key: str, lo: int, hi: Optional[int] = None) -> O
     return v
 
 
-def _options(body: Dict[str, Any], chat: bool) -> Tuple[GenerationOptions, int]:
-    """GenerationOptions and n from an OpenAI request body; APIError naming the parameter when one is wrong."""
+def _options(body: Dict[str, Any], chat: bool,
+             prompt_lookup: Optional[int] = None) -> Tuple[GenerationOptions, int]:
+    """GenerationOptions and n from an OpenAI request body; APIError naming the parameter when one is wrong.
+    `prompt_lookup`: the server's --speculative K, for requests that do not give prompt_lookup_num_tokens."""
     max_new = _int(body, "max_completion_tokens", 1) if chat else None
     if max_new is None:
         max_new = _int(body, "max_tokens", 1)
     n = _int(body, "n", 1, 16) or 1
     kw: Dict[str, Any] = {"max_new_tokens": max_new, "chat_template": chat}
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty",
-                "top_k", "seed", "stop"):
+                "top_k", "seed", "stop", "prompt_lookup_num_tokens"):
         if body.get(key) is not None:
             kw[key] = body[key]
+    if prompt_lookup and "prompt_lookup_num_tokens" not in kw:
+        kw["prompt_lookup_num_tokens"] = prompt_lookup
     if chat:
         if body.get("logprobs") is not None:
             if not isinstance(body["logprobs"], bool):
@@ -181,9 +185,10 @@ def _sse(data: Any) -> str:
 
 # -- the app --------------------------------------------------------------------------------------------------------
 
-def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None,
-               max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
-    """The FastAPI app serving `model` under the name `model_id`."""
+def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               prompt_lookup: Optional[int] = None) -> FastAPI:
+    """The FastAPI app serving `model` under the name `model_id`; `prompt_lookup` K turns on speculative decoding by
+    prompt lookup for greedy requests."""
     app = FastAPI(title="qwen-native", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
@@ -292,7 +297,7 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None,
     async def complete(http: HTTPRequest, chat: bool) -> Any:
         body = await body_of(http)
         prompt = _prompt(body, chat)
-        opts, n = _options(body, chat)
+        opts, n = _options(body, chat, prompt_lookup)
         stream = body.get("stream") is True
         include_usage = stream and isinstance(body.get("stream_options"), dict) and \
             body["stream_options"].get("include_usage") is True
@@ -366,7 +371,7 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None,
 # -- the command ----------------------------------------------------------------------------------------------------
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
-          max_queue: int = DEFAULT_MAX_QUEUE, **load_args: Any) -> int:
+          max_queue: int = DEFAULT_MAX_QUEUE, prompt_lookup: Optional[int] = None, **load_args: Any) -> int:
     """Bind, load, check the chat template, serve until SIGINT/SIGTERM; the exit status. Every startup failure is
     one line on stderr."""
     import uvicorn
@@ -397,7 +402,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: Opt
         sock.close()
         return fail(f"the chat template does not work: {one_line(e)}")
     model_id = m.name
-    app = create_app(m, model_id, api_key=api_key, max_queue=max_queue)
+    app = create_app(m, model_id, api_key=api_key, max_queue=max_queue, prompt_lookup=prompt_lookup)
     sys.stderr.write(f"qwen-native: serving {model_id} on http://{host}:{sock.getsockname()[1]}/v1 "
                      f"({m.device}, {m.dtype}, max_batch {m.max_batch}, context {m.max_context})\n")
     sys.stderr.flush()
