@@ -17,7 +17,7 @@ MAX_PROPOSED = 64  # prompt_lookup_num_tokens at most: longer runs cost more tha
 class PromptLookup:
     """A stateful proposer for one request: ``proposer(tokens)`` -> proposed ids (maybe none).
 
-    It adapts to what is accepted: after a fully accepted proposal it proposes one more (up to ``num_tokens``),
+    It adapts to what is accepted: after a fully accepted proposal it proposes twice as many (up to ``num_tokens``),
     after a partly accepted one as many as were accepted plus one; after two proposals in a row that were rejected
     at their first id it stops proposing for ``pause`` steps, so text with nothing to look up costs plain decoding
     (a proposal is only made where an n-gram matches)."""
@@ -38,7 +38,7 @@ class PromptLookup:
         a = next((i for i, (x, y) in enumerate(zip(got, self._last)) if x != y), min(len(got), len(self._last)))
         self.accepted += a
         if a == len(self._last):
-            self.k = min(self.num_tokens, self.k + 1)
+            self.k = min(self.num_tokens, 2 * self.k)
             self._misses = 0
         else:
             self.k = max(1, a + 1)
