@@ -45,9 +45,9 @@ from qwen_native.errors import CheckpointError, ConfigError, QwenNativeError, Te
 # A RuntimeWarning from numpy (overflow, invalid value) means a computation went outside its range: a failure here.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
-# Under the sanitizers (tests/test_sanitizers.py, several times slower) a quarter of the examples: the full set runs
+# Under the sanitizers (tests/test_sanitizers.py, several times slower) a sixth of the examples: the full set runs
 # in the plain build of the same CI run.
-_SCALE = float(os.environ.get("QWEN_NATIVE_FUZZ_SCALE") or (0.25 if os.environ.get("QWEN_NATIVE_SANITIZED") else 1))
+_SCALE = float(os.environ.get("QWEN_NATIVE_FUZZ_SCALE") or (0.15 if os.environ.get("QWEN_NATIVE_SANITIZED") else 1))
 _RANDOM = os.environ.get("QWEN_NATIVE_FUZZ_RANDOM", "") not in ("", "0")
 
 

@@ -427,6 +427,8 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.skipif(os.environ.get("QWEN_NATIVE_SANITIZED") == "1",
+                    reason="signal delivery and timing, not memory: the plain run checks it (32 s under ASan)")
 def test_real_sigint_during_prefill_and_decode(deep_dir):
     """SIGINT from a timer thread while generate() is inside the native prefill (one call over ~80 x 1024 layer
     steps) and later inside the decode loop: KeyboardInterrupt comes out within a layer or two, the KV cache

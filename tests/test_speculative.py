@@ -21,7 +21,7 @@ def repeating_dir(tmp_path_factory):
     return build_model_dir(tmp_path_factory.mktemp("spec") / "model", tie_word_embeddings=True)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # int8 / int4 rows: test_core's verify-pass test
 def test_prompt_lookup_gives_the_greedy_tokens(repeating_dir, tiny_dir, dtype):
     saved = 0
     for d in (repeating_dir, tiny_dir):
