@@ -202,22 +202,33 @@ def test_client_disconnect_frees_the_slot(server, client):
     assert full.usage.completion_tokens == 480 and time.perf_counter() - t1 > 2 * freed
 
 
-def test_32_concurrent_clients(client):
-    results, errors = {}, []
+def in_threads(n, fn, timeout=120):
+    """fn(0) .. fn(n - 1) at once, one thread each; the exceptions they raised."""
+    errors = []
 
-    def one(i):
+    def run(i):
         try:
-            r = client.chat.completions.create(model=model_id(client), max_tokens=8, temperature=0.8, seed=i,
-                                               messages=[{"role": "user", "content": f"Count to {i}"}])
-            results[i] = r.choices[0].message.content
-        except Exception as e:  # pragma: no cover - reported below
+            fn(i)
+        except Exception as e:  # pragma: no cover - reported by the caller
             errors.append(e)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=timeout)
+    return errors
+
+
+def test_32_concurrent_clients(client):
+    results = {}
+
+    def one(i):
+        r = client.chat.completions.create(model=model_id(client), max_tokens=8, temperature=0.8, seed=i,
+                                           messages=[{"role": "user", "content": f"Count to {i}"}])
+        results[i] = r.choices[0].message.content
+
+    errors = in_threads(32, one)
     assert not errors and len(results) == 32
 
 
@@ -228,25 +239,18 @@ def test_more_streams_than_executor_threads_all_stream_at_once(model_dir):
     try:
         # the disconnect test's request: it runs its full 480 tokens (other seeds may sample an EOS early)
         body = dict(prompt="Tell me a story", max_tokens=480, stream=True, temperature=1.0, seed=1)
-        firsts, ends, errors = [], [], []
+        firsts, ends = [], []
 
         def one(i):
-            try:
-                first = None
-                with httpx.stream("POST", url + "/v1/completions", timeout=120, json=body) as r:
-                    for line in r.iter_lines():
-                        if first is None and line.startswith("data: {") and '"text": ""' not in line:
-                            first = time.perf_counter()  # the first chunk with text
-                firsts.append(first)
-                ends.append(time.perf_counter())
-            except Exception as e:  # pragma: no cover - reported below
-                errors.append(e)
+            first = None
+            with httpx.stream("POST", url + "/v1/completions", timeout=120, json=body) as r:
+                for line in r.iter_lines():
+                    if first is None and line.startswith("data: {") and '"text": ""' not in line:
+                        first = time.perf_counter()  # the first chunk with text
+            firsts.append(first)
+            ends.append(time.perf_counter())
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        errors = in_threads(12, one)
         assert not errors and len(ends) == 12, errors
         assert None not in firsts and max(firsts) < min(ends), (sorted(firsts), min(ends))
     finally:

@@ -226,14 +226,14 @@ class CpuBackend final : public Backend {
     // them: other callers (the lm_head) pass rows of one run.
     if (runs_.size() > 1 && x.rows == rows_.T) {
       for (size_t i = 0; i < runs_.size();) {
-        const auto [r0, n] = runs_[i];
-        size_t j = i + 1;
+        const auto [r0, n] = runs_[i++];
+        if (!per_row(weight, n)) {
+          matmul_run(out.slice_rows(r0, n), x.slice_rows(r0, n), weight, bias, accumulate);
+          continue;
+        }
         int64_t m = n;
-        if (per_row(weight, n))
-          for (; j < runs_.size() && per_row(weight, runs_[j].second); ++j) m += runs_[j].second;
-        if (per_row(weight, n)) matmul_rows(out.slice_rows(r0, m), x.slice_rows(r0, m), weight, bias, accumulate);
-        else matmul_run(out.slice_rows(r0, n), x.slice_rows(r0, n), weight, bias, accumulate);
-        i = j;
+        for (; i < runs_.size() && per_row(weight, runs_[i].second); ++i) m += runs_[i].second;
+        matmul_rows(out.slice_rows(r0, m), x.slice_rows(r0, m), weight, bias, accumulate);
       }
       return;
     }

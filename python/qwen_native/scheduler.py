@@ -438,11 +438,10 @@ class Scheduler:
         ids: List[int] = []
         positions: List[int] = []
         logit_rows: List[int] = []
-        prompt_rows = 0
         for s in batch:
             s.plan(self._max_context - s.fed)
         # Decode rows all; prompt chunks in order of arrival while they fit PASS_PROMPT_ROWS (at least one).
-        taken = []
+        taken, prompt_rows = [], 0
         for s in batch:
             if s.prefilling:
                 if prompt_rows and prompt_rows + len(s.feed) > PASS_PROMPT_ROWS:
