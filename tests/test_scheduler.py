@@ -155,10 +155,19 @@ def test_verifying_proposals_keeps_the_greedy_tokens(tiny_dir, alone):
         ids = m.tokenizer.prompt_ids(prompt, chat_template=False)
         opts = GenerationOptions(**kw)
 
+        from qwen_native.speculative import Proposer
+
+        class Fixed(Proposer):
+            def __init__(self, propose):
+                self.propose = propose
+
+            def __call__(self, tokens, limit):
+                return self.propose(tokens)
+
         def run(proposer):
             r = Request(ids, opts.sampling(m.generation_config), None, kw["max_new_tokens"], (),
                         frozenset(m.eos_token_ids), False, time.perf_counter())
-            r.proposer = proposer
+            r.proposer = Fixed(proposer) if proposer is not None else None
             m._scheduler.submit(r)
             return r.wait()
 

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding by prompt lookup: up to K proposed tokens per step, taken from the "
                         "prompt and the answer so far (greedy only; the same output, faster when the answer "
                         "repeats its input)")
+    p.add_argument("--draft-model", metavar="M",
+                   help="speculative decoding with a draft model: a smaller model with the same tokenizer (e.g. "
+                        "0.5b for 1.5b), loaded like the main one, proposes tokens the main one verifies (the "
+                        "same output; faster when the draft is fast and often right)")
+    p.add_argument("--num-assistant-tokens", type=_positive_int, metavar="K",
+                   help="with --draft-model: at most K proposed tokens per step (default 8; fewer when they do "
+                        "not pay)")
     p.add_argument("--max-context", type=_positive_int, help="KV cache size in tokens (default min(model, 4096))")
     p.add_argument("--threads", type=_nonneg_int, help="CPU threads (default: all available)")
     p.add_argument("--local-files-only", action="store_true", help="never download; use the local cache only")
@@ -121,9 +128,10 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=_nonneg_int, default=None,
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/ requests")
-    p.add_argument("--speculative", metavar="ngram[:K]",
-                   help="speculative decoding for greedy requests: ngram = prompt lookup, up to K (default 10) "
-                        "proposed tokens per step; a request's prompt_lookup_num_tokens overrides K")
+    p.add_argument("--speculative", metavar="ngram[:K]|draft:M",
+                   help="speculative decoding: ngram = prompt lookup, up to K (default 10) proposed tokens per "
+                        "step; draft:M = proposals of model M (same tokenizer, loaded like the main one); a "
+                        "request's own prompt_lookup_num_tokens wins")
     p.add_argument("--threads", type=_nonneg_int, default=None, help="CPU threads (default: all usable)")
     p.add_argument("--local-files-only", action="store_true", help="never download; use the local HF cache only")
     return p
@@ -143,11 +151,14 @@ def _serve(argv: List[str]) -> int:
     kw = {} if args.max_queue is None else {"max_queue": args.max_queue}
     if args.speculative is not None:
         kind, _, k = args.speculative.partition(":")
-        if kind != "ngram" or (k and not (k.isdigit() and 1 <= int(k) <= 64)):
-            _err(f"--speculative must be ngram or ngram:K with K in 1..64, got {args.speculative!r} "
+        if kind == "draft" and k:
+            kw["draft_model"] = _model_name(k)
+        elif kind == "ngram" and (not k or (k.isdigit() and 1 <= int(k) <= 64)):
+            kw["prompt_lookup"] = int(k or 10)
+        else:
+            _err(f"--speculative must be ngram, ngram:K with K in 1..64, or draft:MODEL, got {args.speculative!r} "
                  f"(see {PROG} serve --help)")
             return 2
-        kw["prompt_lookup"] = int(k or 10)
     return server.serve(_model_name(args.model), host=args.host, port=args.port, api_key=args.api_key,
                         revision=args.revision, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                         max_context=args.max_context, num_threads=args.threads,
@@ -203,11 +214,17 @@ def _main(argv: List[str]) -> int:
         # Bad values fail before the (slow) load.
         check_sampling_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repeat_penalty, seed=args.seed)
-        qwen_native.GenerationOptions(prompt_lookup_num_tokens=args.prompt_lookup)
+        qwen_native.GenerationOptions(prompt_lookup_num_tokens=args.prompt_lookup,
+                                      num_assistant_tokens=args.num_assistant_tokens)
+        if args.draft_model is not None and args.prompt_lookup is not None:
+            raise ValueError("pass either --prompt-lookup or --draft-model, not both")
         device = "cpu" if args.cpu else args.device
-        model = qwen_native.load(_model_name(args.model), revision=args.revision, device=device, dtype=args.dtype,
-                                 max_context=args.max_context, num_threads=args.threads,
-                                 local_files_only=True if args.local_files_only else None)
+        load_args = dict(device=device, dtype=args.dtype, max_context=args.max_context, num_threads=args.threads,
+                         local_files_only=True if args.local_files_only else None)
+        model = qwen_native.load(_model_name(args.model), revision=args.revision, **load_args)
+        draft = None
+        if args.draft_model is not None:
+            draft = qwen_native.load(_model_name(args.draft_model), **load_args)
         if not args.quiet:
             sys.stderr.write(f"loaded {model.name} in {model.load_s:.2f} s ({model.device}, {model.dtype}, "
                              f"{model.num_threads} threads, context {model.max_context})\n")
@@ -217,7 +234,8 @@ def _main(argv: List[str]) -> int:
                                 repetition_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
                                 seed=args.seed, stop=args.stop, stream=True, system=args.system,
                                 chat_template=not args.no_chat_template,
-                                prompt_lookup_num_tokens=args.prompt_lookup)
+                                prompt_lookup_num_tokens=args.prompt_lookup, assistant_model=draft,
+                                num_assistant_tokens=args.num_assistant_tokens)
         out = sys.stdout
         for piece in stream:
             out.write(piece)
@@ -230,8 +248,13 @@ def _main(argv: List[str]) -> int:
                 f"prompt: {r.prompt_tokens} tokens, prefill {r.prefill_tok_s:.1f} tok/s ({r.prefill_s:.2f} s)\n"
                 f"generated: {len(r.token_ids)} tokens, decode {r.decode_tok_s:.1f} tok/s, "
                 f"time to first token {r.ttft_s:.2f} s, finish: {r.finish_reason}\n")
+            if r.proposed_tokens:
+                sys.stderr.write(f"speculative: {r.accepted_tokens} of {r.proposed_tokens} proposed tokens accepted, "
+                                 f"{r.decode_tokens / max(1, r.decode_passes):.2f} tokens per pass\n")
             sys.stderr.flush()
         model.close()
+        if draft is not None:
+            draft.close()
         return 0
     except (KeyboardInterrupt, BrokenPipeError):
         raise

@@ -10,6 +10,8 @@ the rest.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 import time
@@ -28,7 +30,7 @@ from .generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, TokenLogprob
 from .hub import ModelFiles, resolve
 from .sampling import SamplingParams
 from .scheduler import Outcome, Request, Scheduler
-from .speculative import PromptLookup
+from .speculative import DraftModel, PromptLookup
 
 __all__ = ["Model", "GenerationResult", "GenerationStream", "GenerationOptions", "load", "generate",
            "clear_model_cache", "DEFAULT_MODEL", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_MAX_BATCH"]
@@ -74,6 +76,8 @@ class GenerationResult:
     stop_string: Optional[str] = None
     logprobs: Optional[List[TokenLogprob]] = None  # with logprobs=True: one per generated token
     decode_passes: int = 0  # forward passes after the first token (fewer than decode_tokens with speculation)
+    proposed_tokens: int = 0  # speculative decoding: ids proposed (by prompt lookup or the assistant model)
+    accepted_tokens: int = 0  # of which the model confirmed
 
     def __str__(self) -> str:
         return self.text
@@ -86,7 +90,7 @@ class GenerationResult:
                    prefill_tok_s=prefill_n / o.prefill_s if o.prefill_s > 0 else 0.0, decode_tokens=o.decode_tokens,
                    decode_s=o.decode_s, decode_tok_s=o.decode_tokens / o.decode_s if o.decode_s > 0 else 0.0,
                    ttft_s=o.ttft_s, total_s=o.total_s, stop_string=o.stop_string, logprobs=o.logprobs,
-                   decode_passes=o.decode_passes)
+                   decode_passes=o.decode_passes, proposed_tokens=o.proposed, accepted_tokens=o.accepted)
 
 
 class GenerationStream(Iterator[str]):
@@ -198,6 +202,7 @@ class Model:
         self._max_context = int(core.max_context)
         self._max_batch = int(core.num_slots) - 1  # the last slot is logits()'s
         self._scheduler = Scheduler(core, tokenizer, scoring_slot=True)
+        self._vocab_digest: Optional[str] = None
         self._scheduler_params = SamplingParams()  # scoring requests sample nothing
         # A model dropped without close() still stops its scheduler thread (which holds the core, not the model).
         weakref.finalize(self, self._scheduler.close)
@@ -243,9 +248,11 @@ class Model:
         self.close()
 
     def close(self) -> None:
-        """Free the weights and the KV cache now. Generations still running end with RuntimeError."""
+        """Free the weights and the KV cache now (again: nothing happens). Generations still running end with
+        RuntimeError."""
         self._scheduler.close()
-        self.core.close()
+        if not self.core.closed:
+            self.core.close()
 
     # -- generation -------------------------------------------------------------------------------------------------
 
@@ -339,10 +346,47 @@ class Model:
         request = Request(ids, params, None if opts.seed is None else int(opts.seed) + seed_offset, max_new,
                           opts.stop or (), frozenset(self.eos_token_ids), stream, t0,
                           logprobs=opts.top_logprobs if opts.logprobs else None)
-        if opts.prompt_lookup_num_tokens and params.greedy:
+        if opts.assistant_model is not None and opts.prompt_lookup_num_tokens:
+            raise ValueError("pass either assistant_model or prompt_lookup_num_tokens, not both")
+        if opts.prompt_lookup_num_tokens:
             request.proposer = PromptLookup(opts.prompt_lookup_num_tokens, opts.max_matching_ngram_size or 2)
+        elif opts.assistant_model is not None:
+            request.proposer = self._draft(opts.assistant_model, params, request, opts.num_assistant_tokens or 8)
         self._scheduler.submit(request)
         return request
+
+    def _draft(self, draft: Any, params: SamplingParams, request: Request, max_tokens: int) -> DraftModel:
+        """The proposer for ``assistant_model=draft``: its requests generate from the same ids with the same
+        sampling parameters, stopping at this model's EOS ids."""
+        self._check_draft(draft)
+        eos, sample = request.eos, not params.greedy
+
+        def make(ids: List[int], k: int, seed: Optional[int]) -> Request:
+            return Request(ids, params, seed, k, (), eos, False, time.perf_counter(), distributions=sample)
+
+        return DraftModel(draft._scheduler.submit, make, max_tokens, draft.max_context, seed=request.seed)
+
+    def _check_draft(self, draft: Any) -> None:
+        """ValueError / TypeError unless `draft` can propose tokens for this model."""
+        if not isinstance(draft, Model):
+            raise TypeError(f"assistant_model must be a loaded qwen_native.Model, got {type(draft).__name__}")
+        if draft is self:
+            raise ValueError("assistant_model is this model itself; pass a smaller model with the same tokenizer")
+        if draft.closed:
+            raise ValueError("assistant_model has been closed")
+        if draft._vocabulary_digest() != self._vocabulary_digest():
+            raise ValueError(f"assistant_model {draft.name} has a different tokenizer vocabulary from {self.name}; "
+                             "a draft model must share the target's tokenizer (e.g. Qwen2.5-0.5B-Instruct for any "
+                             "Qwen2.5 model)")
+
+    def _vocabulary_digest(self) -> str:
+        """A digest of the tokenizer's vocabulary and the model's (padded) vocabulary size: equal digests mean
+        two models agree on what every id is."""
+        if self._vocab_digest is None:
+            vocab = sorted(self.tokenizer.backend.get_vocab(with_added_tokens=True).items())
+            text = json.dumps([self.config.vocab_size, vocab], ensure_ascii=False)
+            self._vocab_digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return self._vocab_digest
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,12 @@ class GenerationOptions:
     - ``prompt_lookup_num_tokens``: speculative decoding by prompt lookup (transformers' name): up to this many
       (1-64) ids proposed per step from an earlier occurrence of the last ``max_matching_ngram_size`` (default 2)
       ids, verified in one pass. Greedy decoding only (ignored when sampling); the tokens are exactly those of
-      plain greedy decoding.
+      plain greedy decoding. When sampling, proposals are accepted by the speculative-sampling rule, so the tokens
+      are distributed exactly as without them.
+    - ``assistant_model``: speculative decoding with a draft model (transformers' name): another loaded ``Model``
+      with the same vocabulary (e.g. Qwen2.5-0.5B-Instruct for the 1.5B) proposes up to ``num_assistant_tokens``
+      (default 8, 1-64) ids per step, as many as its measured acceptance and speed make worth it; the same
+      guarantees as prompt lookup.
     - ``stop``: a string or list of strings; the text ends before the first one generated.
     - ``system``: a system message put before a string or message-list prompt; ``chat_template=False`` uses a
       string prompt as raw text instead of rendering the chat template."""
@@ -60,6 +65,8 @@ class GenerationOptions:
     top_logprobs: int = 0
     prompt_lookup_num_tokens: Optional[int] = None
     max_matching_ngram_size: Optional[int] = None
+    assistant_model: Any = None
+    num_assistant_tokens: Optional[int] = None
     stop: Union[None, str, Sequence[str]] = None
     system: Optional[str] = None
     chat_template: bool = True
@@ -79,7 +86,8 @@ class GenerationOptions:
             raise ValueError(f"top_logprobs must be between 0 and 20, got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=True")
-        for name, hi in (("prompt_lookup_num_tokens", MAX_PROPOSED), ("max_matching_ngram_size", 16)):
+        for name, hi in (("prompt_lookup_num_tokens", MAX_PROPOSED), ("max_matching_ngram_size", 16),
+                         ("num_assistant_tokens", MAX_PROPOSED)):
             v = getattr(self, name)
             if v is not None:
                 if isinstance(v, bool) or not isinstance(v, (int, np.integer)):

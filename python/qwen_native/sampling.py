@@ -23,7 +23,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -309,10 +309,18 @@ class Sampler:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, logits: np.ndarray, context: IdSequence = (), inplace: bool = False, generated: int = 0,
-                 penalized: bool = False) -> int:
+                 penalized: bool = False, proposed: Optional[int] = None,
+                 draft: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+                 keep: Optional[List[Tuple[np.ndarray, np.ndarray]]] = None) -> int:
         """The next token id for `logits` (vocab,), given the ids so far (`context`, for the penalties; its last
         `generated` ids are the generated ones). With `inplace`, `logits` may be overwritten; with `penalized`,
-        they already carry the penalties."""
+        they already carry the penalties.
+
+        Speculative sampling: with `proposed` (an id a proposer put forward), the result is `proposed` with
+        probability min(1, p/q) and otherwise a draw from the normalised residual max(0, p - q), where p is this
+        distribution and q the proposer's (`draft`: its (ids, probabilities); None: a proposer that picks
+        `proposed` for sure, as prompt lookup does). Either way the result is distributed exactly as p.
+        `keep`: a list that gets this distribution's (ids, probabilities) appended (a draft model's q)."""
         p = self.params
         x = _check_logits(logits)
         if p.penalized and len(context) and not penalized:
@@ -322,7 +330,32 @@ class Sampler:
         if p.greedy:
             return int(np.argmax(x))
         ids, z = _filter(x, p)
+        if ids is None and (keep is not None or proposed is not None):
+            ids = np.arange(x.shape[0])
+        if keep is not None:
+            assert ids is not None
+            keep.append((ids, z / z.sum()))
         u = self.rng.random()  # drawn even when one token is left, so the stream stays in step
+        if proposed is not None:
+            assert ids is not None
+            probs = z / z.sum()
+            at = np.flatnonzero(ids == proposed)
+            p_x = float(probs[at[0]]) if at.size else 0.0
+            q = np.zeros_like(probs)  # q at the ids p can pick
+            if draft is None:
+                q[at] = 1.0
+            else:
+                order = np.argsort(draft[0])
+                pos = np.clip(np.searchsorted(draft[0], ids, sorter=order), 0, len(order) - 1)
+                hit = draft[0][order[pos]] == ids
+                q[hit] = draft[1][order[pos[hit]]]
+            q_x = 1.0 if draft is None else float(q[at[0]]) if at.size else 0.0
+            if p_x > 0.0 and u * q_x < p_x:
+                return int(proposed)
+            z = np.maximum(probs - q, 0.0)
+            if not z.sum() > 0.0:  # p == q: a rejection has probability 0; keep p
+                z = probs
+            u = self.rng.random()
         if z.shape[0] == 1:
             return int(ids[0]) if ids is not None else 0
         cdf = np.cumsum(z)

@@ -20,13 +20,14 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Deque, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import _core  # the compiled extension (types: _core.pyi)
 from .generation import Piece, TextAssembler, TokenLogprob
 from .sampling import Sampler, SamplingParams, apply_penalties, log_probs
+from .speculative import Distribution, Proposer
 
 __all__ = ["Scheduler", "Request", "PREFILL_CHUNK"]
 
@@ -65,6 +66,9 @@ class Outcome:
     total_s: float
     logits: Optional[np.ndarray] = None  # a scoring request's (prompt_tokens, vocab) float32 logits
     logprobs: Optional[List[TokenLogprob]] = None  # each generated token's, when asked for
+    proposed: int = 0  # ids a proposer put forward (speculative decoding)
+    accepted: int = 0  # of which the model confirmed
+    distributions: Optional[List[Tuple[np.ndarray, np.ndarray]]] = None  # each token's (ids, probs), when kept
 
 
 class Request:
@@ -73,8 +77,11 @@ class Request:
 
     def __init__(self, ids: List[int], params: SamplingParams, seed: Optional[int], max_new_tokens: int,
                  stops: Sequence[str], eos: FrozenSet[int], stream: bool, t0: float, score: bool = False,
-                 logprobs: Optional[int] = None):
+                 logprobs: Optional[int] = None, distributions: bool = False):
         self.ids = ids
+        # Keep the distribution each sampled token was drawn from (a draft model's requests: the q of
+        # speculative sampling).
+        self.distributions = distributions
         self.logprobs = logprobs  # None, or how many alternatives to report with each token's log-probability
         # A scoring request generates nothing: it wants the logits of every prompt position, computed from an empty
         # cache in the scheduler's own scoring slot (the generation slots are left as they are).
@@ -86,9 +93,9 @@ class Request:
         self.eos = eos
         self.stream = stream
         self.t0 = t0
-        # Proposes likely next ids from the ids so far (prompt lookup, a draft model: issue 14); the next pass then
-        # verifies them all at once. Greedy sequences only: sampling needs the speculative-sampling rule.
-        self.proposer: Optional[Callable[[List[int]], List[int]]] = None
+        # Proposes likely next ids from the ids so far (prompt lookup, a draft model); the next pass verifies them
+        # all at once.
+        self.proposer: Optional[Proposer] = None
         self.cancelled = False
         self.done = False
         self.outcome: Optional[Outcome] = None
@@ -110,12 +117,13 @@ class Request:
             raise self.error
         return None
 
-    def wait(self) -> Outcome:
-        """Waits until the generation is over; its outcome, or raises what stopped it."""
+    def wait(self, timeout: Optional[float] = None) -> Outcome:
+        """Waits until the generation is over; its outcome, or raises what stopped it (TimeoutError after
+        `timeout` seconds)."""
         assert self._cond is not None
         with self._cond:
-            while not self.done:
-                self._cond.wait()
+            if not self._cond.wait_for(lambda: self.done, timeout):
+                raise TimeoutError(f"the generation did not finish in {timeout} s")
         if self.error is not None:
             raise self.error
         assert self.outcome is not None
@@ -154,6 +162,8 @@ class _Sequence:
         self.scores: List[np.ndarray] = []  # a scoring request's logits so far
         self.feed: List[int] = []      # what it feeds the next pass (plan)
         self.proposal: List[int] = []  # the proposed ids among them
+        self.drafts: Optional[List[Distribution]] = None  # the proposer's distribution of each (None: certain)
+        self.distributions: Optional[List[Distribution]] = [] if request.distributions else None
         self.logits = 0                # how many of its last rows need logits
         self.prefill_s = self.decode_s = 0.0
         self.decode_steps = 0
@@ -163,10 +173,20 @@ class _Sequence:
     def prefilling(self) -> bool:
         return self.fed < len(self.request.ids)
 
+    def _limit(self, room: int) -> int:
+        """How many ids may be proposed: no more than fit in `room` positions or are still to generate."""
+        return max(0, min(room - 1, self.request.max_new_tokens - len(self.generated) - 1))
+
+    def prepare(self, room: int) -> None:
+        """Before a pass, for every sequence in it: lets the proposer start its work (a draft model's requests
+        are all queued before any is waited for, so they run batched)."""
+        if self.request.proposer is not None and not self.prefilling:
+            self.request.proposer.prepare(self.tokens, self._limit(room))
+
     def plan(self, room: int) -> None:
         """Before a pass: what this sequence feeds it (`feed`) and how many of its last rows need logits
         (`logits`). A prompt chunk; else the last generated id, followed by proposed ids to verify when the
-        request has a proposer (no more than fit in `room` positions or are still to generate)."""
+        request has a proposer."""
         if self.prefilling:
             self.feed = self.tokens[self.fed:min(len(self.request.ids), self.fed + PREFILL_CHUNK)]
             self.proposal = []
@@ -175,23 +195,29 @@ class _Sequence:
             else:
                 self.logits = 1 if self.fed + len(self.feed) == len(self.request.ids) else 0
             return
-        self.proposal = []
-        if self.request.proposer is not None and self.request.params.greedy:
-            limit = min(room - 1, self.request.max_new_tokens - len(self.generated) - 1)
-            self.proposal = [int(t) for t in self.request.proposer(list(self.tokens))][:max(0, limit)]
+        self.proposal, self.drafts = [], None
+        proposer = self.request.proposer
+        if proposer is not None:
+            limit = self._limit(room)
+            self.proposal = [int(t) for t in proposer(self.tokens, limit)][:limit]
+            self.drafts = proposer.distributions()
         self.feed = self.tokens[self.fed:self.fed + 1] + self.proposal
         self.logits = len(self.feed)
 
-    def choose(self, logits_or_id: Any) -> Tuple[int, Optional[TokenLogprob]]:
+    def choose(self, logits_or_id: Any, i: int = -1) -> Tuple[int, Optional[TokenLogprob]]:
         """The next id from a row of logits (or the argmax id the core computed), and its log-probability record
-        when the request asks for them."""
+        when the request asks for them. `i`: the row's index in a verified run, whose proposed id (if any) sampling
+        accepts or replaces by the speculative-sampling rule."""
         if self.fast_greedy:
             return (int(logits_or_id) if np.ndim(logits_or_id) == 0 else int(np.argmax(logits_or_id))), None
         x, p = logits_or_id, self.request.params
         context = np.asarray(self.tokens, dtype=np.int64)
         if p.penalized:
             apply_penalties(x, context, p, generated=len(self.generated))
-        tok = self.sampler(x, context, inplace=True, penalized=True)
+        proposed = self.proposal[i] if 0 <= i < len(self.proposal) else None
+        draft = self.drafts[i] if proposed is not None and self.drafts is not None else None
+        tok = self.sampler(x, context, inplace=True, penalized=True, proposed=proposed, draft=draft,
+                           keep=self.distributions)
         if self.request.logprobs is None:
             return tok, None
         lp = log_probs(x, p)
@@ -217,7 +243,7 @@ class _Sequence:
         proposals)."""
         text, ids, lps, confirmed = "", [], [], 0
         for i in range(len(rows)):
-            tok, lp = self.choose(rows[i])
+            tok, lp = self.choose(rows[i], i)
             ids.append(tok)
             if lp is not None:
                 lps.append(lp)
@@ -226,6 +252,9 @@ class _Sequence:
             if self.finish_reason is not None or i >= len(self.proposal) or tok != self.proposal[i]:
                 break
             confirmed += 1
+        if self.proposal:
+            assert self.request.proposer is not None
+            self.request.proposer.learn(len(self.proposal), confirmed)
         return Piece(text, tuple(ids), tuple(lps)), len(self.proposal) - confirmed
 
     def accept(self, token: int) -> str:
@@ -253,7 +282,10 @@ class _Sequence:
                        decode_s=self.decode_s, ttft_s=self.ttft_s,
                        total_s=time.perf_counter() - r.t0,
                        logits=np.concatenate(self.scores) if self.scores else None,
-                       logprobs=list(self.logprobs) if r.logprobs is not None else None)
+                       logprobs=list(self.logprobs) if r.logprobs is not None else None,
+                       proposed=r.proposer.proposed if r.proposer is not None else 0,
+                       accepted=r.proposer.accepted if r.proposer is not None else 0,
+                       distributions=self.distributions)
 
 
 _LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
@@ -438,6 +470,9 @@ class Scheduler:
         ids: List[int] = []
         positions: List[int] = []
         logit_rows: List[int] = []
+        t = time.perf_counter()  # a draft model's proposals are part of the pass's time
+        for s in batch:
+            s.prepare(self._max_context - s.fed)
         for s in batch:
             s.plan(self._max_context - s.fed)
         # Decode rows all; prompt chunks in order of arrival while they fit PASS_PROMPT_ROWS (at least one).
@@ -456,7 +491,6 @@ class Scheduler:
             logit_rows += range(len(ids) - s.logits, len(ids))
         wants = [s for s in batch if s.logits]
         argmax = all(s.fast_greedy and not s.request.score for s in wants)
-        t = time.perf_counter()
         try:
             out = self.core.forward(slots, ids, positions, logit_rows=logit_rows, argmax=argmax)
         except _core.Interrupted:  # only cancelled sequences (or a stale interrupt): the step is redone without them

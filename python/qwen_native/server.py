@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple
 
 try:
     from fastapi import FastAPI, Request as HTTPRequest
@@ -67,9 +67,9 @@ def _int(body: Dict[str, Any], key: str, lo: int, hi: Optional[int] = None) -> O
 
 
 def _options(body: Dict[str, Any], chat: bool,
-             prompt_lookup: Optional[int] = None) -> Tuple[GenerationOptions, int]:
+             speculative: Optional[Mapping[str, Any]] = None) -> Tuple[GenerationOptions, int]:
     """GenerationOptions and n from an OpenAI request body; APIError naming the parameter when one is wrong.
-    `prompt_lookup`: the server's --speculative K, for requests that do not give prompt_lookup_num_tokens."""
+    `speculative`: the server's --speculative options, for requests that do not give prompt_lookup_num_tokens."""
     max_new = _int(body, "max_completion_tokens", 1) if chat else None
     if max_new is None:
         max_new = _int(body, "max_tokens", 1)
@@ -79,8 +79,8 @@ def _options(body: Dict[str, Any], chat: bool,
                 "top_k", "seed", "stop", "prompt_lookup_num_tokens"):
         if body.get(key) is not None:
             kw[key] = body[key]
-    if prompt_lookup and "prompt_lookup_num_tokens" not in kw:
-        kw["prompt_lookup_num_tokens"] = prompt_lookup
+    if speculative and "prompt_lookup_num_tokens" not in kw:
+        kw.update(speculative)
     if chat:
         if body.get("logprobs") is not None:
             if not isinstance(body["logprobs"], bool):
@@ -186,9 +186,15 @@ def _sse(data: Any) -> str:
 # -- the app --------------------------------------------------------------------------------------------------------
 
 def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               prompt_lookup: Optional[int] = None) -> FastAPI:
-    """The FastAPI app serving `model` under the name `model_id`; `prompt_lookup` K turns on speculative decoding by
-    prompt lookup for greedy requests."""
+               prompt_lookup: Optional[int] = None, draft: Optional[Model] = None) -> FastAPI:
+    """The FastAPI app serving `model` under the name `model_id`. Speculative decoding for requests that do not ask
+    for their own (``prompt_lookup_num_tokens``): prompt lookup of up to `prompt_lookup` ids, or a `draft`
+    model's proposals."""
+    speculative: Dict[str, Any] = {}
+    if prompt_lookup:
+        speculative["prompt_lookup_num_tokens"] = prompt_lookup
+    elif draft is not None:
+        speculative["assistant_model"] = draft
     app = FastAPI(title="qwen-native", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
@@ -297,7 +303,7 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None, ma
     async def complete(http: HTTPRequest, chat: bool) -> Any:
         body = await body_of(http)
         prompt = _prompt(body, chat)
-        opts, n = _options(body, chat, prompt_lookup)
+        opts, n = _options(body, chat, speculative)
         stream = body.get("stream") is True
         include_usage = stream and isinstance(body.get("stream_options"), dict) and \
             body["stream_options"].get("include_usage") is True
@@ -371,9 +377,10 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None, ma
 # -- the command ----------------------------------------------------------------------------------------------------
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
-          max_queue: int = DEFAULT_MAX_QUEUE, prompt_lookup: Optional[int] = None, **load_args: Any) -> int:
+          max_queue: int = DEFAULT_MAX_QUEUE, prompt_lookup: Optional[int] = None, draft_model: Optional[str] = None,
+          **load_args: Any) -> int:
     """Bind, load, check the chat template, serve until SIGINT/SIGTERM; the exit status. Every startup failure is
-    one line on stderr."""
+    one line on stderr. `draft_model`: loaded beside the model (same load arguments) to propose tokens."""
     import uvicorn
 
     from . import load
@@ -390,8 +397,18 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: Opt
     except OSError as e:
         sock.close()
         return fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    draft = None
     try:
         m = load(model, **load_args)
+        if draft_model is not None:
+            try:
+                draft = load(draft_model, **load_args)
+                m._check_draft(draft)
+            except Exception as e:
+                m.close()
+                if draft is not None:
+                    draft.close()
+                raise ValueError(f"--speculative draft:{draft_model}: {one_line(e)}") from None
     except Exception as e:
         sock.close()
         return fail(one_line(e))
@@ -402,7 +419,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: Opt
         sock.close()
         return fail(f"the chat template does not work: {one_line(e)}")
     model_id = m.name
-    app = create_app(m, model_id, api_key=api_key, max_queue=max_queue, prompt_lookup=prompt_lookup)
+    app = create_app(m, model_id, api_key=api_key, max_queue=max_queue, prompt_lookup=prompt_lookup, draft=draft)
     sys.stderr.write(f"qwen-native: serving {model_id} on http://{host}:{sock.getsockname()[1]}/v1 "
                      f"({m.device}, {m.dtype}, max_batch {m.max_batch}, context {m.max_context})\n")
     sys.stderr.flush()
@@ -417,5 +434,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: Opt
         pass
     finally:
         m.close()  # generations still running end; the scheduler thread stops
+        if draft is not None:
+            draft.close()
         sock.close()
     return 0
