@@ -123,7 +123,6 @@ class DraftModel(Proposer):
         self._dists: Optional[List[Distribution]] = None
         self._k_fed = 0  # proposals in the pass since _returned
         self._returned: Optional[float] = None
-        self._started = 0.0
         self._request: Any = None
         self._quiet = 0
         self._probe = False
@@ -170,7 +169,6 @@ class DraftModel(Proposer):
         if k <= 0:
             return
         seed = int(self._rng.integers(2 ** 62)) if self._seeded else None
-        self._started = time.perf_counter()
         try:
             self._request = self._make(list(tokens), k, seed)
             self._submit(self._request)
@@ -192,8 +190,9 @@ class DraftModel(Proposer):
             else:
                 ids = list(out.token_ids[:limit])
                 self._dists = out.distributions[:len(ids)] if out.distributions is not None else None
-                d = (time.perf_counter() - self._started) / max(1, len(out.token_ids))
-                self._d = d if self._d is None else 0.7 * self._d + 0.3 * d
+                if out.decode_passes:  # a step's time; its first pass may have been a whole prompt's prefill
+                    d = out.decode_s / out.decode_passes
+                    self._d = d if self._d is None else 0.7 * self._d + 0.3 * d
         self._k_fed = len(ids)
         self._returned = time.perf_counter()
         return ids
