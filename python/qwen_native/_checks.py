@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Optional, Type
+import re
+from typing import Any, Mapping, Optional, Sequence, Type
 
 # The most read of a model's small files (config, generation config, index, tokenizer config, chat template; real
 # ones are kilobytes), so a hostile multi-gigabyte one is refused without being read into memory.
@@ -26,6 +28,31 @@ def short(v: Any, limit: int = 80) -> str:
     except Exception:  # a repr that fails (or an int too long to print) must not replace the real error
         r = f"<{type(v).__name__}>"
     return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+# OpenAI's rule for the names of functions and of json_schema response formats.
+OPENAI_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
+def only_keys(value: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    """ValueError naming `where` and the first key of `value` that is not in `allowed` (a typo such as
+    'parameter'), listing the allowed ones."""
+    unknown = [k for k in value if k not in allowed]
+    if unknown:
+        raise ValueError(f"{where} has an unknown key {short(unknown[0])}; the keys are "
+                         f"{', '.join(repr(k) for k in allowed)}")
+
+
+def json_text(value: Any, where: str) -> str:
+    """`value` as JSON text; TypeError/ValueError naming `where` when it holds something JSON cannot (a set,
+    NaN, ...)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except TypeError as e:
+        raise TypeError(f"{where} must hold only JSON values (dicts, lists, strings, numbers, booleans, None): "
+                        f"{e}") from None
+    except ValueError as e:
+        raise ValueError(f"{where} must hold only JSON values: {e}") from None
 
 
 def one_line(exc: BaseException) -> str:

@@ -163,6 +163,24 @@ def _plain(value: Any, where: str) -> Any:
                     "booleans, None, lists and dicts")
 
 
+def _decode_tool_call_arguments(message: Dict[str, Any]) -> None:
+    """An assistant message's ``tool_calls`` carry OpenAI's arguments, a JSON string; chat templates (Qwen2.5's
+    ``tool_call.arguments | tojson``, as transformers expects) want the object, or they would write the JSON
+    string quoted a second time. Decode them in place; a string that is not a JSON object stays as it is."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                args = json.loads(fn["arguments"])
+            except ValueError:
+                continue
+            if isinstance(args, dict):
+                fn["arguments"] = args
+
+
 def normalize_messages(messages: Any, system: Optional[str] = None) -> List[Dict[str, Any]]:
     """Check a conversation (a list of {"role", "content"} dicts) and return plain copies with None-valued keys
     dropped (as transformers does). `system`, if given, becomes a leading system message."""
@@ -182,7 +200,9 @@ def normalize_messages(messages: Any, system: Optional[str] = None) -> List[Dict
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise TypeError(f"{where}['content'] must be a string, got {type(content).__name__}")
-        out.append({k: _plain(v, f"{where}[{k!r}]") for k, v in m.items() if v is not None})
+        plain = {k: _plain(v, f"{where}[{k!r}]") for k, v in m.items() if v is not None}
+        _decode_tool_call_arguments(plain)
+        out.append(plain)
     if not out:
         raise ValueError("prompt is an empty list of messages")
     if system is not None:
@@ -336,9 +356,10 @@ class ChatTokenizer:
                                special_tokens=self.special_tokens, **kwargs)
 
     def prompt_ids(self, prompt: Union[str, Sequence[Message]], *, system: Optional[str] = None,
-                   chat_template: bool = True) -> List[int]:
+                   chat_template: bool = True, tools: Optional[Sequence[Mapping[str, Any]]] = None) -> List[int]:
         """Prompt ids for a string (one user turn) or a list of messages; with ``chat_template=False`` the
-        string is tokenized as it is."""
+        string is tokenized as it is. `tools` (checked by :func:`qwen_native.tools.check_tools`) go to the
+        template, which lists them for the model."""
         if not isinstance(chat_template, bool):
             raise TypeError(f"chat_template must be True or False, got {chat_template!r}")
         if not chat_template:
@@ -346,6 +367,8 @@ class ChatTokenizer:
                 raise TypeError("chat_template=False needs the prompt as one string, not a list of messages")
             if system is not None:
                 raise ValueError("system= needs the chat template; it cannot be used with chat_template=False")
+            if tools:
+                raise ValueError("tools= needs the chat template; it cannot be used with chat_template=False")
             ids = self.encode(prompt, add_special_tokens=True)
             if not ids:
                 raise ValueError("prompt is empty: there is nothing to continue")
@@ -355,7 +378,7 @@ class ChatTokenizer:
         else:
             messages = prompt
         messages = normalize_messages(messages, system)
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, tools=tools or None), add_special_tokens=False)
 
 
 _BYTE_DECODER: Dict[str, int] = {}
