@@ -81,3 +81,32 @@ def test_multi_turn_reuses_the_cache(model):
     model.core.reset()  # every slot empty (the scheduler notices at its next request)
     fresh = model.generate(conv, max_new_tokens=16, do_sample=False)
     assert fresh.cached_tokens < r1.prompt_tokens and fresh.token_ids == r2.token_ids
+
+
+def test_named_tool_call_and_schema_answer(model):
+    """Qwen2.5's own tool format: a named tool's call parses, its arguments fit the schema; a schema-constrained
+    answer parses and validates."""
+    import json
+
+    pytest.importorskip("llguidance")
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                        "unit": {"enum": ["celsius", "fahrenheit"]}},
+                       "required": ["city", "unit"], "additionalProperties": False}}}
+    r = model.generate([{"role": "user", "content": "What's the weather in Paris, in celsius?"}], tools=[weather],
+                       tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_new_tokens=60,
+                       do_sample=False, parallel_tool_calls=False)
+    show("named tool call", r)
+    print(r.tool_calls)
+    assert r.finish_reason == "tool_calls" and len(r.tool_calls) == 1 and r.text == ""
+    args = json.loads(r.tool_calls[0]["function"]["arguments"])
+    assert r.tool_calls[0]["function"]["name"] == "get_weather" and args["unit"] == "celsius"
+    assert "paris" in args["city"].lower()
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}, "population_millions": {
+        "type": "number", "minimum": 0}}, "required": ["capital", "population_millions"], "additionalProperties": False}
+    r = model.generate("Give the capital of France and its population as JSON.", max_new_tokens=60, do_sample=False,
+                       response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    show("schema answer", r)
+    value = json.loads(r.text)
+    assert set(value) == {"capital", "population_millions"} and "paris" in value["capital"].lower()

@@ -30,7 +30,9 @@ from .generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, TokenLogprob
 from .hub import ModelFiles, resolve
 from .sampling import SamplingParams
 from .scheduler import Outcome, Request, Scheduler
+from .grammar import Constraint, GrammarCompiler, constraint_grammar
 from .speculative import DraftModel, PromptLookup
+from .tools import TOOL_CALL_START, check_tool_choice, check_tools, parse_tool_calls, tool_call_grammar
 
 __all__ = ["Model", "GenerationResult", "GenerationStream", "GenerationOptions", "load", "generate",
            "clear_model_cache", "DEFAULT_MODEL", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_MAX_BATCH"]
@@ -78,19 +80,29 @@ class GenerationResult:
     decode_passes: int = 0  # forward passes after the first token (fewer than decode_tokens with speculation)
     proposed_tokens: int = 0  # speculative decoding: ids proposed (by prompt lookup or the assistant model)
     accepted_tokens: int = 0  # of which the model confirmed
+    # With tools: the calls the answer made, in OpenAI's shape ({"id", "type": "function", "function": {"name",
+    # "arguments": <JSON text>}}); `text` is then what was written outside them, and finish_reason "tool_calls".
+    tool_calls: Optional[List[Dict[str, Any]]] = None
 
     def __str__(self) -> str:
         return self.text
 
     @classmethod
-    def _of(cls, o: Outcome) -> "GenerationResult":
+    def _of(cls, o: Outcome, tools: bool = False) -> "GenerationResult":
+        """The result of an outcome; `tools`: read tool calls out of its text."""
         prefill_n = o.prompt_tokens - o.cached_tokens
-        return cls(text=o.text, token_ids=o.token_ids, finish_reason=o.finish_reason, prompt_tokens=o.prompt_tokens,
+        text, finish, calls = o.text, o.finish_reason, None
+        if tools:
+            content, found = parse_tool_calls(o.text)
+            if found:  # "tool_calls" unless max_new_tokens cut the answer
+                text, finish, calls = content or "", "length" if finish == "length" else "tool_calls", found
+        return cls(text=text, token_ids=o.token_ids, finish_reason=finish, prompt_tokens=o.prompt_tokens,
                    cached_tokens=o.cached_tokens, prefill_tokens=prefill_n, prefill_s=o.prefill_s,
                    prefill_tok_s=prefill_n / o.prefill_s if o.prefill_s > 0 else 0.0, decode_tokens=o.decode_tokens,
                    decode_s=o.decode_s, decode_tok_s=o.decode_tokens / o.decode_s if o.decode_s > 0 else 0.0,
                    ttft_s=o.ttft_s, total_s=o.total_s, stop_string=o.stop_string, logprobs=o.logprobs,
-                   decode_passes=o.decode_passes, proposed_tokens=o.proposed, accepted_tokens=o.accepted)
+                   decode_passes=o.decode_passes, proposed_tokens=o.proposed, accepted_tokens=o.accepted,
+                   tool_calls=calls)
 
 
 class GenerationStream(Iterator[str]):
@@ -120,7 +132,7 @@ class GenerationStream(Iterator[str]):
                 raise
             if piece is None:
                 if self._request.outcome is not None and self.result is None:
-                    self.result = GenerationResult._of(self._request.outcome)
+                    self.result = GenerationResult._of(self._request.outcome, self._request.tools)
                 break
             if piece.text:  # a step may complete no character yet
                 return piece.text
@@ -203,6 +215,8 @@ class Model:
         self._max_batch = int(core.num_slots) - 1  # the last slot is logits()'s
         self._scheduler = Scheduler(core, tokenizer, scoring_slot=True)
         self._vocab_digest: Optional[str] = None
+        self._compiler: Optional[GrammarCompiler] = None
+        self._compiler_lock = threading.Lock()
         self._scheduler_params = SamplingParams()  # scoring requests sample nothing
         # A model dropped without close() still stops its scheduler thread (which holds the core, not the model).
         weakref.finalize(self, self._scheduler.close)
@@ -312,7 +326,7 @@ class Model:
         if stream:
             return GenerationStream(self, request)
         try:
-            return GenerationResult._of(request.wait())
+            return GenerationResult._of(request.wait(), request.tools)
         except BaseException:
             request.cancel()  # Ctrl-C while waiting: the generation stops too
             raise
@@ -329,7 +343,7 @@ class Model:
         try:
             for p in prompts:  # every prompt checked and queued before any result is awaited
                 requests.append(self._submit(p, opts, stream=False))
-            return [GenerationResult._of(r.wait()) for r in requests]
+            return [GenerationResult._of(r.wait(), r.tools) for r in requests]
         except BaseException:
             for r in requests:
                 r.cancel()
@@ -341,11 +355,17 @@ class Model:
         if self.closed:
             raise RuntimeError("this model has been closed")
         params = opts.sampling(self.generation_config)
-        ids = self.tokenizer.prompt_ids(prompt, system=opts.system, chat_template=opts.chat_template)
+        tools = check_tools(opts.tools)
+        choice = check_tool_choice(opts.tool_choice, tools)
+        ids = self.tokenizer.prompt_ids(prompt, system=opts.system, chat_template=opts.chat_template,
+                                        tools=tools if choice != "none" else None)
         max_new = opts.max_new(self.generation_config, len(ids), self.max_context)
+        constraint = self._constraint(opts, tools, choice)
         request = Request(ids, params, None if opts.seed is None else int(opts.seed) + seed_offset, max_new,
                           opts.stop or (), frozenset(self.eos_token_ids), stream, t0,
                           logprobs=opts.top_logprobs if opts.logprobs else None)
+        request.constraint = constraint
+        request.tools = choice != "none"
         if opts.assistant_model is not None and opts.prompt_lookup_num_tokens:
             raise ValueError("pass either assistant_model or prompt_lookup_num_tokens, not both")
         if opts.prompt_lookup_num_tokens:
@@ -365,6 +385,22 @@ class Model:
             return Request(ids, params, seed, k, (), eos, False, time.perf_counter(), distributions=sample)
 
         return DraftModel(draft._scheduler.submit, make, max_tokens, draft.max_context, seed=request.seed)
+
+    def _constraint(self, opts: GenerationOptions, tools: List[Dict[str, Any]], choice: Any) -> Optional[Constraint]:
+        """The grammar a generation must follow: forced tool calls, else the response_format's; None for free
+        text."""
+        grammar = tool_call_grammar(tools, choice, bool(opts.parallel_tool_calls),
+                                    tag_tokens=self.tokenizer.token_to_id(TOOL_CALL_START) is not None)
+        argument = "tool_choice"
+        if grammar is None and opts.response_format is not None:
+            grammar, argument = constraint_grammar(opts.response_format), "response_format"
+        if grammar is None:
+            return None
+        with self._compiler_lock:  # built once per model: llguidance's view of the vocabulary takes 1-2 s
+            if self._compiler is None:
+                self._compiler = GrammarCompiler(self.tokenizer, self.config.vocab_size,
+                                                 self.eos_token_ids or [self.config.vocab_size - 1])
+        return self._compiler.compile(grammar, argument=argument)
 
     def _check_draft(self, draft: Any) -> None:
         """ValueError / TypeError unless `draft` can propose tokens for this model."""

@@ -46,6 +46,14 @@ class GenerationOptions:
       with the same vocabulary (e.g. Qwen2.5-0.5B-Instruct for the 1.5B) proposes up to ``num_assistant_tokens``
       (default 8, 1-64) ids per step, as many as its measured acceptance and speed make worth it; the same
       guarantees as prompt lookup.
+    - ``response_format``: structured output, OpenAI's shapes: ``{"type": "json_object"}``, ``{"type":
+      "json_schema", "json_schema": {"name": ..., "schema": {...}}}``, or ``{"type": "regex", "regex": ...}`` /
+      ``{"type": "grammar", "grammar": <Lark>}``; the ids the grammar does not allow are masked before sampling, so
+      the answer always matches (unless cut by ``max_new_tokens``). Needs ``pip install "qwen-native[structured]"``.
+    - ``tools``, ``tool_choice``, ``parallel_tool_calls``: OpenAI function tools, rendered by the chat template;
+      the answer's ``<tool_call>`` blocks come back as ``result.tool_calls`` (finish_reason "tool_calls").
+      ``tool_choice="required"`` or ``{"type": "function", "function": {"name": ...}}`` forces calls whose
+      arguments fit the tool's parameters schema; "none" leaves the tools out of the prompt.
     - ``stop``: a string or list of strings; the text ends before the first one generated.
     - ``system``: a system message put before a string or message-list prompt; ``chat_template=False`` uses a
       string prompt as raw text instead of rendering the chat template."""
@@ -67,6 +75,10 @@ class GenerationOptions:
     max_matching_ngram_size: Optional[int] = None
     assistant_model: Any = None
     num_assistant_tokens: Optional[int] = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
     stop: Union[None, str, Sequence[str]] = None
     system: Optional[str] = None
     chat_template: bool = True
@@ -96,6 +108,8 @@ class GenerationOptions:
                     raise ValueError(f"{name} must be between 1 and {hi}, got {v}")
         if self.do_sample is not None and not isinstance(self.do_sample, (bool, np.bool_)):
             raise TypeError(f"do_sample must be True, False or None, got {self.do_sample!r}")
+        if not isinstance(self.parallel_tool_calls, (bool, np.bool_)):
+            raise TypeError(f"parallel_tool_calls must be True or False, got {self.parallel_tool_calls!r}")
         if not isinstance(self.chat_template, (bool, np.bool_)):
             raise TypeError(f"chat_template must be True or False, got {self.chat_template!r}")
         object.__setattr__(self, "stop", _check_stops(self.stop))

@@ -96,6 +96,9 @@ class Request:
         # Proposes likely next ids from the ids so far (prompt lookup, a draft model); the next pass verifies them
         # all at once.
         self.proposer: Optional[Proposer] = None
+        # The grammar the generated ids must follow (structured output, forced tool calls): grammar.Constraint.
+        self.constraint: Any = None
+        self.tools = False  # the caller reads tool calls out of the text (engine.py)
         self.cancelled = False
         self.done = False
         self.outcome: Optional[Outcome] = None
@@ -145,7 +148,8 @@ class _Slot:
 class _Sequence:
     """A request while it runs in a slot: its ids, what of them the cache holds, its sampler and text."""
 
-    def __init__(self, request: Request, slot: int, cached: int, tokenizer: Any):
+    def __init__(self, request: Request, slot: int, cached: int, tokenizer: Any, masks: Any = None):
+        """`masks`: an executor that computes a constrained sequence's next mask while the pass runs."""
         self.request = request
         self.slot = slot
         self.cached = cached                       # prompt ids reused from the slot's cache
@@ -155,8 +159,13 @@ class _Sequence:
         self.parts: List[str] = []
         self.assembler = TextAssembler(tokenizer, request.stops, request.eos)
         self.sampler = Sampler(request.params, request.seed)
-        # Greedy without penalties or log-probabilities needs only the argmax, which the core can return alone.
-        self.fast_greedy = request.params.greedy and not request.params.penalized and request.logprobs is None
+        # Greedy without penalties, log-probabilities or a grammar needs only the argmax, which the core can return
+        # alone.
+        self.fast_greedy = (request.params.greedy and not request.params.penalized and request.logprobs is None
+                            and request.constraint is None)
+        self.constraint = request.constraint
+        self._masks = masks
+        self._mask: Any = None  # the future of the mask for the pass's first logits row
         self.logprobs: List[TokenLogprob] = []
         self.finish_reason: Optional[str] = None
         self.scores: List[np.ndarray] = []  # a scoring request's logits so far
@@ -187,6 +196,9 @@ class _Sequence:
         """Before a pass: what this sequence feeds it (`feed`) and how many of its last rows need logits
         (`logits`). A prompt chunk; else the last generated id, followed by proposed ids to verify when the
         request has a proposer."""
+        if self._mask is not None:  # a pass that was interrupted left its mask unused: the matcher is ours again
+            self._mask.result()
+            self._mask = None
         if self.prefilling:
             self.feed = self.tokens[self.fed:min(len(self.request.ids), self.fed + PREFILL_CHUNK)]
             self.proposal = []
@@ -194,15 +206,32 @@ class _Sequence:
                 self.logits = len(self.feed)
             else:
                 self.logits = 1 if self.fed + len(self.feed) == len(self.request.ids) else 0
+            self._start_mask()
             return
         self.proposal, self.drafts = [], None
         proposer = self.request.proposer
         if proposer is not None:
             limit = self._limit(room)
             self.proposal = [int(t) for t in proposer(self.tokens, limit)][:limit]
+            if self.constraint is not None and self.proposal:
+                # Proposed ids past the first one the grammar refuses are never accepted: not computed. That one is
+                # kept, so that sampling rejects it by the rule (its p is 0) and draws from the residual.
+                self.proposal = self.proposal[:self.constraint.valid_prefix(self.proposal) + 1]
             self.drafts = proposer.distributions()
         self.feed = self.tokens[self.fed:self.fed + 1] + self.proposal
         self.logits = len(self.feed)
+        self._start_mask()
+
+    def _start_mask(self) -> None:
+        """With a grammar: start computing the mask of the pass's first logits row (llguidance drops the GIL, so
+        it runs while the pass does)."""
+        if self.constraint is not None and self.logits and not self.request.score:
+            self._mask = self._masks.submit(self.constraint.fill_mask) if self._masks is not None else None
+
+    def _allowed(self, x: np.ndarray) -> None:
+        """Masks the ids the grammar does not allow next out of the logits row `x` (in place)."""
+        mask, self._mask = (self._mask.result() if self._mask is not None else self.constraint.fill_mask()), None
+        self.constraint.apply(x, mask)
 
     def choose(self, logits_or_id: Any, i: int = -1) -> Tuple[int, Optional[TokenLogprob]]:
         """The next id from a row of logits (or the argmax id the core computed), and its log-probability record
@@ -214,6 +243,8 @@ class _Sequence:
         context = np.asarray(self.tokens, dtype=np.int64)
         if p.penalized:
             apply_penalties(x, context, p, generated=len(self.generated))
+        if self.constraint is not None:
+            self._allowed(x)
         proposed = self.proposal[i] if 0 <= i < len(self.proposal) else None
         draft = self.drafts[i] if proposed is not None and self.drafts is not None else None
         tok = self.sampler(x, context, inplace=True, penalized=True, proposed=proposed, draft=draft,
@@ -259,6 +290,8 @@ class _Sequence:
 
     def accept(self, token: int) -> str:
         """Take a generated id; the text it completes. Sets finish_reason when the sequence is done."""
+        if self.constraint is not None:
+            self.constraint.consume(token)
         self.generated.append(token)
         self.tokens.append(token)
         piece = self.assembler.push(token)
@@ -315,6 +348,7 @@ class Scheduler:
         self._scoring = len(self._slots) - 1 if scoring_slot else None
         self._in_flight: List[Request] = []  # the requests of the pass running now
         self._thread: Optional[threading.Thread] = None
+        self._masks: Any = None  # a thread pool for grammar masks, made with the first constrained request
         self._closed = False
         self._clock = 0
         _LIVE.add(self)
@@ -362,6 +396,8 @@ class Scheduler:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        if self._masks is not None:
+            self._masks.shutdown(wait=False)
 
     def load(self) -> Tuple[int, int]:
         """(sequences running, requests waiting for a slot) now."""
@@ -440,7 +476,11 @@ class Scheduler:
                 self._resync([i])
         self._clock += 1
         slot.busy, slot.used = True, self._clock
-        return _Sequence(r, i, reuse[i], self.tokenizer)
+        if r.constraint is not None and self._masks is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._masks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen_native masks")
+        return _Sequence(r, i, reuse[i], self.tokenizer, self._masks)
 
     def _resync(self, slots: Sequence[int]) -> None:
         """Slots whose bookkeeping disagrees with the native cache (a call failed halfway, or the core was used

@@ -32,6 +32,7 @@ from .engine import Model
 from .errors import ContextLengthError
 from .generation import GenerationOptions, Piece
 from .scheduler import Outcome, Request
+from .tools import ToolCallStream, parse_tool_calls
 
 __all__ = ["create_app", "serve"]
 
@@ -77,6 +78,9 @@ def _options(body: Dict[str, Any], chat: bool,
     kw: Dict[str, Any] = {"max_new_tokens": max_new, "chat_template": chat}
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty",
                 "top_k", "seed", "stop", "prompt_lookup_num_tokens"):
+        if body.get(key) is not None:
+            kw[key] = body[key]
+    for key in ("response_format",) + (("tools", "tool_choice", "parallel_tool_calls") if chat else ()):
         if body.get(key) is not None:
             kw[key] = body[key]
     if speculative and "prompt_lookup_num_tokens" not in kw:
@@ -245,10 +249,13 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None, ma
         except ContextLengthError as e:
             raise APIError(400, str(e), "messages" if opts.chat_template else "prompt",
                            "context_length_exceeded") from None
-        except (TypeError, ValueError) as e:  # the prompt or messages themselves
+        except (TypeError, ValueError, ImportError) as e:  # the prompt, messages, tools or format
             for r in requests:
                 r.cancel()
-            raise APIError(400, str(e), "messages" if opts.chat_template else "prompt") from None
+            text = str(e)
+            param = next((k for k in ("response_format", "tools", "tool_choice", "parallel_tool_calls")
+                          if text.startswith(k)), "messages" if opts.chat_template else "prompt")
+            raise APIError(400, text, param) from None
         return requests
 
     async def wait_all(http: HTTPRequest, requests: List[Request]) -> List[Outcome]:
@@ -319,6 +326,10 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None, ma
                 c: Dict[str, Any] = {"index": i, "finish_reason": o.finish_reason}
                 if chat:
                     c["message"] = {"role": "assistant", "content": o.text}
+                    content, calls = parse_tool_calls(o.text) if requests[i].tools else (None, [])
+                    if calls:
+                        c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                        c["finish_reason"] = "length" if o.finish_reason == "length" else "tool_calls"
                     c["logprobs"] = _chat_logprobs(o.logprobs)
                 else:
                     c["text"] = o.text
@@ -343,6 +354,24 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None, ma
                                   "finish_reason": None}])
             generated = 0
             offsets = [0] * n
+            # With tools, each choice's text goes through a ToolCallStream: content deltas, and each call as a
+            # name delta then its arguments.
+            calls = [ToolCallStream() if chat and r.tools else None for r in requests]
+            called = [False] * n
+
+            def deltas(i: int, text: str, end: bool = False) -> List[Dict[str, Any]]:
+                reader = calls[i]
+                if reader is None:
+                    return [{"content": text}] if text else []
+                out = []
+                for kind, d in reader.push(text) + (reader.finish() if end else []):
+                    if kind == "content":
+                        out.append({"content": d})
+                    else:
+                        out.append({"tool_calls": [d]})
+                        called[i] = True
+                return out
+
             async for i, p, r in pieces(requests):
                 if p is None:
                     if r.error is not None and r.outcome is None:
@@ -350,6 +379,10 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None, ma
                         yield _sse({"error": err})
                         return
                     reason = r.outcome.finish_reason if r.outcome is not None else "stop"
+                    if chat:
+                        for d in deltas(i, "", end=True):
+                            yield chunk([{"index": i, "delta": d, "logprobs": None, "finish_reason": None}])
+                        reason = "tool_calls" if called[i] and reason != "length" else reason
                     yield chunk([{"index": i, ("delta" if chat else "text"): ({} if chat else ""),
                                   "logprobs": None, "finish_reason": reason}])
                     continue
@@ -358,8 +391,12 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None, ma
                     continue
                 lps = list(p.logprobs) if p.logprobs else None
                 if chat:
-                    yield chunk([{"index": i, "delta": {"content": p.text}, "logprobs": _chat_logprobs(lps),
-                                  "finish_reason": None}])
+                    ds = deltas(i, p.text)
+                    if not ds and lps:
+                        ds = [{"content": ""}]
+                    for j, d in enumerate(ds):
+                        yield chunk([{"index": i, "delta": d, "logprobs": _chat_logprobs(lps) if j == 0 else None,
+                                      "finish_reason": None}])
                 else:
                     yield chunk([{"index": i, "text": p.text, "logprobs": _completion_logprobs(lps, offsets[i]),
                                   "finish_reason": None}])
