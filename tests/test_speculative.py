@@ -272,7 +272,8 @@ def test_cli_and_server_flags(repeating_dir, tmp_path):
     assert plain.returncode == spec.returncode == 0 and plain.stdout == spec.stdout, spec.stderr
     drafted = subprocess.run([sys.executable, "-m", "qwen_native", "--model", str(repeating_dir), "--prompt",
                               PROMPTS[0], "--no-chat-template", "--temperature", "0", "-n", "20",
-                              "--draft-model", str(repeating_dir), "--num-assistant-tokens", "3"],
+                              "--draft-model", str(repeating_dir), "--draft-dtype", "int8",
+                              "--num-assistant-tokens", "3"],
                              capture_output=True, text=True, timeout=120)
     assert drafted.returncode == 0 and drafted.stdout == plain.stdout, drafted.stderr
     assert "proposed tokens accepted" in drafted.stderr

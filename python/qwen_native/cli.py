@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding with a draft model: a smaller model with the same tokenizer (e.g. "
                         "0.5b for 1.5b), loaded like the main one, proposes tokens the main one verifies (the "
                         "same output; faster when the draft is fast and often right)")
+    p.add_argument("--draft-dtype", help="the draft model's dtype (default: --dtype); int8 makes a fast draft, and "
+                                         "the output stays the main model's whatever the draft's dtype")
     p.add_argument("--num-assistant-tokens", type=_positive_int, metavar="K",
                    help="with --draft-model: at most K proposed tokens per step (default 8; fewer when they do "
                         "not pay)")
@@ -132,6 +134,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
                    help="speculative decoding: ngram = prompt lookup, up to K (default 10) proposed tokens per "
                         "step; draft:M = proposals of model M (same tokenizer, loaded like the main one); a "
                         "request's own prompt_lookup_num_tokens wins")
+    p.add_argument("--draft-dtype", help="with --speculative draft:M, the draft's dtype (default: --dtype); int8 "
+                                         "makes a fast draft, and answers stay the main model's")
     p.add_argument("--threads", type=_nonneg_int, default=None, help="CPU threads (default: all usable)")
     p.add_argument("--local-files-only", action="store_true", help="never download; use the local HF cache only")
     return p
@@ -153,6 +157,7 @@ def _serve(argv: List[str]) -> int:
         kind, _, k = args.speculative.partition(":")
         if kind == "draft" and k:
             kw["draft_model"] = _model_name(k)
+            kw["draft_dtype"] = args.draft_dtype
         elif kind == "ngram" and (not k or (k.isdigit() and 1 <= int(k) <= 64)):
             kw["prompt_lookup"] = int(k or 10)
         else:
@@ -224,7 +229,8 @@ def _main(argv: List[str]) -> int:
         model = qwen_native.load(_model_name(args.model), revision=args.revision, **load_args)
         draft = None
         if args.draft_model is not None:
-            draft = qwen_native.load(_model_name(args.draft_model), **load_args)
+            draft = qwen_native.load(_model_name(args.draft_model),
+                                     **{**load_args, "dtype": args.draft_dtype or args.dtype})
         if not args.quiet:
             sys.stderr.write(f"loaded {model.name} in {model.load_s:.2f} s ({model.device}, {model.dtype}, "
                              f"{model.num_threads} threads, context {model.max_context})\n")

@@ -415,9 +415,10 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None, ma
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
           max_queue: int = DEFAULT_MAX_QUEUE, prompt_lookup: Optional[int] = None, draft_model: Optional[str] = None,
-          **load_args: Any) -> int:
+          draft_dtype: Optional[str] = None, **load_args: Any) -> int:
     """Bind, load, check the chat template, serve until SIGINT/SIGTERM; the exit status. Every startup failure is
-    one line on stderr. `draft_model`: loaded beside the model (same load arguments) to propose tokens."""
+    one line on stderr. `draft_model`: loaded beside the model (same load arguments; `draft_dtype` if given) to
+    propose tokens."""
     import uvicorn
 
     from . import load
@@ -439,7 +440,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: Opt
         m = load(model, **load_args)
         if draft_model is not None:
             try:
-                draft = load(draft_model, **load_args)
+                draft = load(draft_model, **{**load_args, "dtype": draft_dtype or load_args.get("dtype")})
                 m._check_draft(draft)
             except Exception as e:
                 m.close()
