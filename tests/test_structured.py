@@ -42,6 +42,31 @@ def _fmt(schema):
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
 
 
+def test_property_random_schemas_through_the_model(tiny_model):
+    """Many schemas (objects, arrays, enums, bounded numbers, nested and optional fields, closed objects: the
+    generator of test_grammar.py), each answered by the tiny random model with sampling on: every finished answer
+    parses and validates."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from test_grammar import SCHEMAS as RANDOM_SCHEMAS
+    from test_grammar import _has_open_object
+
+    finished = []
+
+    @settings(max_examples=25, deadline=None, derandomize=True, database=None)
+    @given(schema=RANDOM_SCHEMAS, seed=st.integers(0, 2 ** 31 - 1))
+    def check(schema, seed):
+        r = tiny_model.generate("Hello", max_new_tokens=200, seed=seed, response_format=_fmt(schema), **SAMPLE)
+        if r.finish_reason == "length":
+            assert _has_open_object(schema) or len(r.token_ids) == 200
+            return
+        assert valid(json.loads(r.text), schema), (r.text, schema)
+        finished.append(schema)
+
+    check()
+    assert len(finished) >= 10
+
+
 @pytest.mark.parametrize("schema", SCHEMAS)
 def test_constrained_sampling_always_validates(tiny_model, schema):
     done = 0
