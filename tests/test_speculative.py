@@ -301,3 +301,39 @@ def test_cli_and_server_flags(repeating_dir, tmp_path):
                 assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
             r = tc.post("/v1/completions", json={**body, "prompt_lookup_num_tokens": 0})
             assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_lookup_num_tokens"
+
+
+def test_proposals_are_cut_when_many_sequences_decode(tiny_dir, monkeypatch):
+    """A pass takes at most PASS_DECODE_ROWS decode and verify rows: with 4 sequences decoding and a budget of 8,
+    each may propose one id; alone, its full K. The tokens stay the greedy ones."""
+    from qwen_native import scheduler
+    from qwen_native.speculative import Proposer
+
+    monkeypatch.setattr(scheduler, "PASS_DECODE_ROWS", 8)
+    seen = []
+
+    class Recording(Proposer):
+        def __init__(self, sched):
+            self.sched = sched
+
+        def __call__(self, tokens, limit):
+            seen.append((sum(not s.prefilling for s in self.sched._active), limit))
+            return [0] * limit  # wrong ids: rejected, never changing the tokens
+
+    with qwen_native.load(tiny_dir, dtype="float32", num_threads=1, max_batch=4) as m:
+        want = m.generate("Hello", max_new_tokens=12, **GREEDY)
+        import time
+
+        ids = m.tokenizer.prompt_ids("Hello", chat_template=False)
+        params = qwen_native.GenerationOptions(**GREEDY).sampling(m.generation_config)
+        requests = []
+        for _ in range(4):
+            r = scheduler.Request(ids, params, None, 12, (), frozenset(m.eos_token_ids), False, time.perf_counter())
+            r.proposer = Recording(m._scheduler)
+            requests.append(r)
+        for r in requests:
+            m._scheduler.submit(r)
+        outs = [r.wait() for r in requests]
+    assert all(o.token_ids == want.token_ids for o in outs)
+    assert any(n == 4 for n, _ in seen) and all(limit <= 1 for n, limit in seen if n == 4)
+    assert any(limit >= 4 for n, limit in seen if n < 4) or all(n == 4 for n, _ in seen)

@@ -38,6 +38,11 @@ PREFILL_CHUNK = 512
 # arrive together are answered one after another (the first at once) instead of all at the end of one long pass,
 # and the running sequences' decode steps come between them. Chunks are never cut to fit: the limit only defers.
 PASS_PROMPT_ROWS = 32
+# Decode and verify rows of a pass beyond which proposals are cut (shared evenly among the sequences that have a
+# proposer). Alone, a sequence's verify rows are nearly free (the weights are read once for all of them); with many
+# sequences decoding the pass is compute-bound (on 2 Zen 3 cores, a pass of 8 rows took 2x one of 1, 16 rows 4x), so
+# a rejected proposal would slow every sequence in the batch.
+PASS_DECODE_ROWS = 32
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -182,17 +187,18 @@ class _Sequence:
     def prefilling(self) -> bool:
         return self.fed < len(self.request.ids)
 
-    def _limit(self, room: int) -> int:
-        """How many ids may be proposed: no more than fit in `room` positions or are still to generate."""
-        return max(0, min(room - 1, self.request.max_new_tokens - len(self.generated) - 1))
+    def _limit(self, room: int, share: int) -> int:
+        """How many ids may be proposed: no more than fit in `room` positions, are still to generate, or the pass
+        can take (`share`)."""
+        return max(0, min(room - 1, self.request.max_new_tokens - len(self.generated) - 1, share))
 
-    def prepare(self, room: int) -> None:
+    def prepare(self, room: int, share: int) -> None:
         """Before a pass, for every sequence in it: lets the proposer start its work (a draft model's requests
         are all queued before any is waited for, so they run batched)."""
         if self.request.proposer is not None and not self.prefilling:
-            self.request.proposer.prepare(self.tokens, self._limit(room))
+            self.request.proposer.prepare(self.tokens, self._limit(room, share))
 
-    def plan(self, room: int) -> None:
+    def plan(self, room: int, share: int = PASS_DECODE_ROWS) -> None:
         """Before a pass: what this sequence feeds it (`feed`) and how many of its last rows need logits
         (`logits`). A prompt chunk; else the last generated id, followed by proposed ids to verify when the
         request has a proposer."""
@@ -211,7 +217,7 @@ class _Sequence:
         self.proposal, self.drafts = [], None
         proposer = self.request.proposer
         if proposer is not None:
-            limit = self._limit(room)
+            limit = self._limit(room, share)
             self.proposal = [int(t) for t in proposer(self.tokens, limit)][:limit]
             if self.constraint is not None and self.proposal:
                 # Proposed ids past the first one the grammar refuses are never accepted: not computed. That one is
@@ -510,11 +516,14 @@ class Scheduler:
         ids: List[int] = []
         positions: List[int] = []
         logit_rows: List[int] = []
+        decoding = [s for s in batch if not s.prefilling]
+        proposing = sum(s.request.proposer is not None for s in decoding)
+        share = (PASS_DECODE_ROWS - len(decoding)) // proposing if proposing else 0
         t = time.perf_counter()  # a draft model's proposals are part of the pass's time
         for s in batch:
-            s.prepare(self._max_context - s.fed)
+            s.prepare(self._max_context - s.fed, share)
         for s in batch:
-            s.plan(self._max_context - s.fed)
+            s.plan(self._max_context - s.fed, share)
         # Decode rows all; prompt chunks in order of arrival while they fit PASS_PROMPT_ROWS (at least one).
         taken, prompt_rows = [], 0
         for s in batch:
