@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--prompt-lookup", type=_positive_int, metavar="K",
                    help="speculative decoding by prompt lookup: up to K proposed tokens per step, taken from the "
-                        "prompt and the answer so far (greedy only; the same output, faster when the answer "
-                        "repeats its input)")
+                        "prompt and the answer so far (the same output, or when sampling the same "
+                        "distribution; faster when the answer repeats its input)")
     p.add_argument("--draft-model", metavar="M",
                    help="speculative decoding with a draft model: a smaller model with the same tokenizer (e.g. "
                         "0.5b for 1.5b), loaded like the main one, proposes tokens the main one verifies (the "

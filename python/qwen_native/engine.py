@@ -312,10 +312,11 @@ class Model:
 
         The generation arguments are those of :class:`~qwen_native.generation.GenerationOptions`, given as
         keywords (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
-        ``repeat_last_n``, ``do_sample``, ``seed``, ``stop``, ``system``, ``chat_template``) or as an `options`
-        object (keywords win). Defaults come from the model's generation_config.json as transformers applies them;
-        sampling is on when ``do_sample=True``, or when `temperature` > 0 is passed and `do_sample` is not;
-        ``temperature=0`` is greedy.
+        ``repeat_last_n``, ``do_sample``, ``seed``, ``stop``, ``system``, ``chat_template``, ``logprobs``,
+        ``prompt_lookup_num_tokens``, ``assistant_model``, ``response_format``, ``tools``, ``tool_choice``, ...) or
+        as an `options` object (keywords win). Defaults come from the model's generation_config.json as
+        transformers applies them; sampling is on when ``do_sample=True``, or when `temperature` > 0 is passed and
+        `do_sample` is not; ``temperature=0`` is greedy.
 
         Returns a :class:`GenerationResult`, or with ``stream=True`` a :class:`GenerationStream` of text pieces.
         Raises ValueError / TypeError naming a bad argument, and ValueError when the prompt plus

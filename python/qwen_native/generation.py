@@ -39,9 +39,9 @@ class GenerationOptions:
       and the temperature, before top-k / top-p / min-p) and ``top_logprobs`` (0-20) alternatives with theirs.
     - ``prompt_lookup_num_tokens``: speculative decoding by prompt lookup (transformers' name): up to this many
       (1-64) ids proposed per step from an earlier occurrence of the last ``max_matching_ngram_size`` (default 2)
-      ids, verified in one pass. Greedy decoding only (ignored when sampling); the tokens are exactly those of
-      plain greedy decoding. When sampling, proposals are accepted by the speculative-sampling rule, so the tokens
-      are distributed exactly as without them.
+      ids, verified in one pass. Greedy tokens are exactly those of plain greedy decoding; when sampling,
+      proposals are accepted by the speculative-sampling rule, so the tokens are distributed exactly as without
+      them.
     - ``assistant_model``: speculative decoding with a draft model (transformers' name): another loaded ``Model``
       with the same vocabulary (e.g. Qwen2.5-0.5B-Instruct for the 1.5B) proposes up to ``num_assistant_tokens``
       (default 8, 1-64) ids per step, as many as its measured acceptance and speed make worth it; the same
