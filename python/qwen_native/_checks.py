@@ -34,6 +34,14 @@ def short(v: Any, limit: int = 80) -> str:
 OPENAI_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 
 
+def openai_name(value: Any, where: str) -> str:
+    """`value` if it is a name OpenAI accepts (a function's, a json_schema's); ValueError naming `where` if not."""
+    if not isinstance(value, str) or not OPENAI_NAME.match(value):
+        raise ValueError(f"{where} must be a name of 1 to 64 letters, digits, '_' or '-' (as OpenAI requires), got "
+                         f"{short(value)}")
+    return value
+
+
 def only_keys(value: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
     """ValueError naming `where` and the first key of `value` that is not in `allowed` (a typo such as
     'parameter'), listing the allowed ones."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._checks import OPENAI_NAME, is_int, json_text, only_keys, short
+from ._checks import is_int, json_text, only_keys, openai_name, short
 
 if TYPE_CHECKING:
     import llguidance
@@ -86,10 +86,7 @@ def constraint_grammar(response_format: Any) -> Optional[str]:
         if not isinstance(spec, Mapping):
             raise TypeError(f"{where} must be a dict {{'name': ..., 'schema': {{...}}}}, got {type(spec).__name__}")
         only_keys(spec, ("name", "schema", "strict", "description"), where)
-        name = spec.get("name")
-        if not isinstance(name, str) or not OPENAI_NAME.match(name):
-            raise ValueError(f"{where}['name'] must be a name of 1 to 64 letters, digits, '_' or '-' (as OpenAI "
-                             f"requires), got {short(name)}")
+        openai_name(spec.get("name"), f"{where}['name']")
         if not isinstance(spec.get("description", ""), str):
             raise TypeError(f"{where}['description'] must be a string")
         if spec.get("strict") is not None and not isinstance(spec["strict"], bool):

@@ -26,7 +26,7 @@ import json
 import secrets
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ._checks import OPENAI_NAME, json_text, only_keys, short
+from ._checks import json_text, only_keys, openai_name, short
 from .grammar import JSON_OPTIONS, llguidance_module
 
 __all__ = ["ToolChoice", "Delta", "check_tools", "check_tool_choice", "tool_call_grammar", "parse_tool_calls",
@@ -67,10 +67,7 @@ def check_tools(tools: Any) -> List[Dict[str, Any]]:
         if not isinstance(fn, Mapping):
             raise TypeError(f"{where} must be a dict {{'name': ..., 'parameters': {{...}}}}, got {type(fn).__name__}")
         only_keys(fn, ("name", "description", "parameters", "strict"), where)
-        name = fn.get("name")
-        if not isinstance(name, str) or not OPENAI_NAME.match(name):
-            raise ValueError(f"{where}['name'] must be a name of 1 to 64 letters, digits, '_' or '-' (as OpenAI "
-                             f"requires), got {short(name)}")
+        name = openai_name(fn.get("name"), f"{where}['name']")
         if name in seen:
             raise ValueError(f"{where}['name'] {name!r} is also the name of tools[{seen[name]}]; tool names must "
                              "be unique")
