@@ -185,12 +185,12 @@ def test_malformed_json_and_bodies(server):
 def test_client_disconnect_frees_the_slot(server, client):
     body = dict(model=model_id(client), prompt="Tell me a story", max_tokens=480, stream=True, temperature=1.0,
                 seed=1)
-    t0 = time.perf_counter()
     with httpx.stream("POST", server + "/v1/completions", timeout=30, json=body) as r:
         lines = r.iter_lines()
         for _ in range(4):
             next(lines)
         assert httpx.get(server + "/health").json()["running"] == 1
+    t0 = time.perf_counter()  # the client has gone
     for _ in range(100):  # cancelled within a step once the server notices
         if httpx.get(server + "/health").json()["running"] == 0:
             break
