@@ -211,6 +211,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, help="our --max-batch (default: the largest client count)")
     p.add_argument("--speculative", help="our server's --speculative (ngram[:K] or draft:M)")
+    p.add_argument("--draft-dtype", help="our server's --draft-dtype (with --speculative draft:M)")
     p.add_argument("--max-context", type=int, default=2048, help="both servers' context")
     p.add_argument("--ready-timeout", type=float, default=600)
     p.add_argument("--quiet-below", type=float, default=None,
@@ -236,7 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                               "--dtype", args.dtype, "--port", str(port), "--threads", str(args.threads),
                               "--max-batch", str(args.max_batch or max(args.clients)),
                               "--max-context", str(args.max_context), "--max-queue", "1024",
-                              "--local-files-only", *(["--speculative", args.speculative] if args.speculative else [])],
+                              "--local-files-only", *(["--speculative", args.speculative] if args.speculative else []),
+                              *(["--draft-dtype", args.draft_dtype] if args.draft_dtype else [])],
                   port, "/health", os.path.join(args.logs, "serve_ours.log"))
     try:
         model_id = None
