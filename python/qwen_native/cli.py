@@ -29,6 +29,9 @@ class _Parser(argparse.ArgumentParser):
         raise _ArgError(message)
 
 
+_DRAFT_DTYPE_HELP = ("the draft model's dtype (default: --dtype); int8 makes a fast draft, and the output stays the "
+                     "main model's whatever the draft's dtype")
+
 def _int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= minimum."""
     def parse(text: str) -> int:
@@ -81,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding with a draft model: a smaller model with the same tokenizer (e.g. "
                         "0.5b for 1.5b), loaded like the main one, proposes tokens the main one verifies (the "
                         "same output; faster when the draft is fast and often right)")
-    p.add_argument("--draft-dtype", help="the draft model's dtype (default: --dtype); int8 makes a fast draft, and "
-                                         "the output stays the main model's whatever the draft's dtype")
+    p.add_argument("--draft-dtype", help=_DRAFT_DTYPE_HELP)
     p.add_argument("--num-assistant-tokens", type=_positive_int, metavar="K",
                    help="with --draft-model: at most K proposed tokens per step (default 8; fewer when they do "
                         "not pay)")
@@ -134,8 +136,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
                    help="speculative decoding: ngram = prompt lookup, up to K (default 10) proposed tokens per "
                         "step; draft:M = proposals of model M (same tokenizer, loaded like the main one); a "
                         "request's own prompt_lookup_num_tokens wins")
-    p.add_argument("--draft-dtype", help="with --speculative draft:M, the draft's dtype (default: --dtype); int8 "
-                                         "makes a fast draft, and answers stay the main model's")
+    p.add_argument("--draft-dtype", help="with --speculative draft:M: " + _DRAFT_DTYPE_HELP)
     p.add_argument("--threads", type=_nonneg_int, default=None, help="CPU threads (default: all usable)")
     p.add_argument("--local-files-only", action="store_true", help="never download; use the local HF cache only")
     return p

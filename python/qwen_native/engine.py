@@ -32,7 +32,7 @@ from .sampling import SamplingParams
 from .scheduler import Outcome, Request, Scheduler
 from .grammar import Constraint, GrammarCompiler, constraint_grammar
 from .speculative import DraftModel, PromptLookup
-from .tools import TOOL_CALL_START, check_tool_choice, check_tools, parse_tool_calls, tool_call_grammar
+from .tools import TOOL_CALL_START, check_tool_choice, check_tools, tool_answer, tool_call_grammar
 
 __all__ = ["Model", "GenerationResult", "GenerationStream", "GenerationOptions", "load", "generate",
            "clear_model_cache", "DEFAULT_MODEL", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_MAX_BATCH"]
@@ -93,9 +93,9 @@ class GenerationResult:
         prefill_n = o.prompt_tokens - o.cached_tokens
         text, finish, calls = o.text, o.finish_reason, None
         if tools:
-            content, found = parse_tool_calls(o.text)
-            if found:  # "tool_calls" unless max_new_tokens cut the answer
-                text, finish, calls = content or "", "length" if finish == "length" else "tool_calls", found
+            content, found, finish = tool_answer(o.text, o.finish_reason)
+            if found:
+                text, calls = content or "", found
         return cls(text=text, token_ids=o.token_ids, finish_reason=finish, prompt_tokens=o.prompt_tokens,
                    cached_tokens=o.cached_tokens, prefill_tokens=prefill_n, prefill_s=o.prefill_s,
                    prefill_tok_s=prefill_n / o.prefill_s if o.prefill_s > 0 else 0.0, decode_tokens=o.decode_tokens,
@@ -397,10 +397,12 @@ class Model:
             grammar, argument = constraint_grammar(opts.response_format), "response_format"
         if grammar is None:
             return None
+        if not self.eos_token_ids:
+            raise ValueError(f"{argument} needs the model's end-of-sequence ids, to end the answer where the grammar "
+                             "does; this model has none (set eos_token_id in generation_config.json)")
         with self._compiler_lock:  # built once per model: llguidance's view of the vocabulary takes 1-2 s
             if self._compiler is None:
-                self._compiler = GrammarCompiler(self.tokenizer, self.config.vocab_size,
-                                                 self.eos_token_ids or [self.config.vocab_size - 1])
+                self._compiler = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
         return self._compiler.compile(grammar, argument=argument)
 
     def _check_draft(self, draft: Any) -> None:

@@ -198,7 +198,7 @@ class _Sequence:
         if self.request.proposer is not None and not self.prefilling:
             self.request.proposer.prepare(self.tokens, self._limit(room, share))
 
-    def plan(self, room: int, share: int = PASS_DECODE_ROWS) -> None:
+    def plan(self, room: int, share: int) -> None:
         """Before a pass: what this sequence feeds it (`feed`) and how many of its last rows need logits
         (`logits`). A prompt chunk; else the last generated id, followed by proposed ids to verify when the
         request has a proposer."""

@@ -32,7 +32,7 @@ from .engine import Model
 from .errors import ContextLengthError
 from .generation import GenerationOptions, Piece
 from .scheduler import Outcome, Request
-from .tools import ToolCallStream, parse_tool_calls
+from .tools import ToolCallStream, tool_answer
 
 __all__ = ["create_app", "serve"]
 
@@ -326,10 +326,10 @@ def create_app(model: Model, model_id: str, *, api_key: Optional[str] = None, ma
                 c: Dict[str, Any] = {"index": i, "finish_reason": o.finish_reason}
                 if chat:
                     c["message"] = {"role": "assistant", "content": o.text}
-                    content, calls = parse_tool_calls(o.text) if requests[i].tools else (None, [])
-                    if calls:
-                        c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
-                        c["finish_reason"] = "length" if o.finish_reason == "length" else "tool_calls"
+                    if requests[i].tools:
+                        content, calls, c["finish_reason"] = tool_answer(o.text, o.finish_reason)
+                        if calls:
+                            c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
                     c["logprobs"] = _chat_logprobs(o.logprobs)
                 else:
                     c["text"] = o.text

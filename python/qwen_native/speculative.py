@@ -160,7 +160,7 @@ class DraftModel(Proposer):
     def prepare(self, tokens: Sequence[int], limit: int) -> None:
         self._timed()
         self._request, self._k_fed, self._prepared = None, 0, True
-        if self.disabled is not None:
+        if self.disabled is not None or limit <= 0:  # no room this pass: nothing learnt about what pays
             return
         if self._quiet:
             self._quiet -= 1

@@ -30,6 +30,7 @@ from ._checks import json_text, only_keys, openai_name, short
 from .grammar import JSON_OPTIONS, llguidance_module
 
 __all__ = ["ToolChoice", "Delta", "check_tools", "check_tool_choice", "tool_call_grammar", "parse_tool_calls",
+           "tool_answer",
            "ToolCallStream", "TOOL_CALL_START", "TOOL_CALL_END"]
 
 TOOL_CALL_START = "<tool_call>"
@@ -294,6 +295,15 @@ class ToolCallStream:
         out.append(("tool_call", {"index": i, "id": _call_id(), "type": "function",
                                   "function": {"name": name, "arguments": ""}}))
         out.append(("tool_call", {"index": i, "function": {"arguments": arguments}}))
+
+
+def tool_answer(text: str, finish_reason: str) -> Tuple[Optional[str], List[Dict[str, Any]], str]:
+    """A finished answer of a request with tools: (content, calls, finish_reason), where the finish reason becomes
+    "tool_calls" when the answer made calls (unless max_new_tokens cut it: "length" stays)."""
+    content, calls = parse_tool_calls(text)
+    if calls and finish_reason != "length":
+        finish_reason = "tool_calls"
+    return content, calls, finish_reason
 
 
 def parse_tool_calls(text: str) -> Tuple[Optional[str], List[Dict[str, Any]]]:
