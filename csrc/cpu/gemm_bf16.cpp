@@ -1,7 +1,8 @@
 // Batched matmul for bf16 weights on CPUs with AVX512-BF16 (compiled with -mavx512bf16; chosen only when CPUID
 // reports it). VDPBF16PS multiplies bf16 pairs and accumulates in float32 at twice the rate of float32 FMAs, so
-// prefill in bfloat16 mode rounds its matmul inputs to bf16 (weights already are) and keeps every sum in float32,
-// as llama.cpp and PyTorch do for bf16 weights. Decode does not come here: its GEMV keeps float32 inputs.
+// bfloat16 mode rounds its matmul inputs to bf16 (weights already are) and keeps every sum in float32, as llama.cpp
+// and PyTorch do for bf16 weights: prefill on the GEMM below, decode rows on the GEMV (no widening of the weights,
+// so decode steps of many sequences are bound by memory longer than the float32-FMA GEMV).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -92,7 +93,85 @@ void micro_dispatch(int rows, const uint16_t* x, int64_t ldx, const uint16_t* pa
   micro<R>(x, ldx, panel, pairs, C, ldc, first, accumulate, bias, m0, m1);
 }
 
+// Rows r .. r+R-1 of W against NT bf16 input rows (stride ldx), every weight load shared by the NT inputs and every
+// input load by the R rows. Each (row, input) pair has its own 16 lanes, accumulated over k in order and reduced
+// the same way whatever R and NT are, so a row's result does not depend on the rows or inputs computed beside it.
+template <int R, int NT>
+inline void dot_block(const uint16_t* W, int64_t ldw, const uint16_t* X, int64_t ldx, int64_t k, float* Y,
+                      int64_t ldy, const float* bias, bool accumulate, int64_t r) {
+  const int64_t kv = k & ~int64_t(31);
+  const __mmask32 tail = __mmask32((uint64_t(1) << (k - kv)) - 1u);
+  __m512 acc[R][NT];
+  for (int j = 0; j < R; ++j)
+    for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < kv; i += 32) {
+    __m512bh xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = (__m512bh)_mm512_loadu_si512((const void*)(X + t * ldx + i));
+    for (int j = 0; j < R; ++j) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void*)(W + (r + j) * ldw + i));
+      for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], wv, xv[t]);
+    }
+  }
+  if (tail) {
+    __m512bh xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(tail, X + t * ldx + kv);
+    for (int j = 0; j < R; ++j) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, W + (r + j) * ldw + kv);
+      for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], wv, xv[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int j = 0; j < R; ++j) {
+      float* y = Y + t * ldy;
+      float s = _mm512_reduce_add_ps(acc[j][t]);
+      if (bias) s += bias[r + j];
+      y[r + j] = accumulate ? y[r + j] + s : s;
+    }
+}
+
+// Rows [r0, r1) for NT inputs: R rows at a time, then one at a time.
+template <int R, int NT>
+void dot_rows(const uint16_t* W, int64_t ldw, const uint16_t* X, int64_t ldx, int64_t k, float* Y, int64_t ldy,
+              const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) dot_block<R, NT>(W, ldw, X, ldx, k, Y, ldy, bias, accumulate, r);
+  for (; r < r1; ++r) dot_block<1, NT>(W, ldw, X, ldx, k, Y, ldy, bias, accumulate, r);
+}
+
 }  // namespace
+
+void prepare_x_bf16_dot(const float* x, int64_t k, float* xs) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(xs);  // k bf16 in the first half of the input's k floats
+  for (int64_t i = 0; i < k; ++i) d[i] = f32_to_bf16(x[i]);
+}
+
+void gemv_bf16_dot(const uint16_t* W, int64_t ldw, const float* X, const float* XS, int64_t ldx, int64_t nx,
+                   int64_t k, float* Y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(XS);
+  const int64_t ldx16 = 2 * ldx;  // each input's bf16 values start its row of ldx floats
+  if (nx == 1) return dot_rows<8, 1>(W, ldw, xs, ldx16, k, Y, ldy, bias, accumulate, r0, r1);  // 8 memory streams
+  // Several inputs: 4 rows x up to 6 inputs in registers (each weight vector loaded once for 6 inputs); beyond 6
+  // inputs, slices of rows that stay in L2 while every group of inputs passes over them, so W is read from memory
+  // once.
+  constexpr int64_t kInputs = 6;
+  const int64_t slice = std::max<int64_t>(16, (int64_t(64) << 10) / std::max<int64_t>(2 * k, 1));
+  const int64_t step = nx <= kInputs ? r1 - r0 : slice;
+  for (int64_t s = r0; s < r1; s += step) {
+    const int64_t e = std::min(r1, s + step);
+    for (int64_t t = 0; t < nx; t += kInputs) {
+      const uint16_t* x = xs + t * ldx16;
+      float* y = Y + t * ldy;
+      switch (std::min(kInputs, nx - t)) {
+        case 1: dot_rows<4, 1>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e); break;
+        case 2: dot_rows<4, 2>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e); break;
+        case 3: dot_rows<4, 3>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e); break;
+        case 4: dot_rows<4, 4>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e); break;
+        case 5: dot_rows<4, 5>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e); break;
+        default: dot_rows<4, 6>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e); break;
+      }
+    }
+  }
+}
 
 void round_rows_bf16(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, uint16_t* X16) {
   const int64_t k2 = k + (k & 1);

@@ -18,7 +18,8 @@ struct CpuKernels {
   void (*gemv_f32)(const float* W, int64_t ldw, const float* X, int64_t ldx, int64_t nx, int64_t k, float* Y,
                    int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
   // The same for bf16 W. XS holds each input rearranged by prepare_x_bf16 (stride ldx): the AVX-512 path widens
-  // bf16 pairs in place (even elements by a shift, odd ones by a mask), so it wants x's even and odd elements apart.
+  // bf16 pairs in place (even elements by a shift, odd ones by a mask), so it wants x's even and odd elements apart;
+  // avx512+bf16 rounds x to bf16 (stored as bf16 in the row's first half) for VDPBF16PS, as its batched GEMM does.
   void (*prepare_x_bf16)(const float* x, int64_t k, float* xs);
   void (*gemv_bf16)(const uint16_t* W, int64_t ldw, const float* X, const float* XS, int64_t ldx, int64_t nx,
                     int64_t k, float* Y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);

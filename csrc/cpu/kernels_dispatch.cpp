@@ -17,14 +17,20 @@ const CpuKernels& cpu_kernels_generic();
 const CpuKernels& cpu_kernels_avx2();
 const CpuKernels& cpu_kernels_avx512();
 void round_rows_bf16(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, uint16_t* X16);
+void prepare_x_bf16_dot(const float* x, int64_t k, float* xs);
+void gemv_bf16_dot(const uint16_t* W, int64_t ldw, const float* X, const float* XS, int64_t ldx, int64_t nx,
+                   int64_t k, float* Y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
 void gemm_bf16_cols(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* W, int64_t ldw, float* C,
                     int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1, uint16_t* panel);
 
-// AVX-512 plus the bf16 dot-product GEMM for batched passes.
+// AVX-512 plus bf16 dot products (VDPBF16PS) on bf16-rounded inputs: the GEMM for batched passes, the GEMV for
+// decode rows.
 static const CpuKernels& cpu_kernels_avx512_bf16() {
   static const CpuKernels k = [] {
     CpuKernels t = cpu_kernels_avx512();
     t.isa = "avx512+bf16";
+    t.prepare_x_bf16 = prepare_x_bf16_dot;
+    t.gemv_bf16 = gemv_bf16_dot;
     t.round_rows_bf16 = round_rows_bf16;
     t.gemm_bf16_cols = gemm_bf16_cols;
     return t;
@@ -62,7 +68,9 @@ CpuFeatures detect_cpu_features() {
 }
 
 const char* select_isa(const CpuFeatures& f, const char* force) {
-  const bool avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+  // The AVX-512 set takes integer dot products with VNNI (every AVX-512 CPU since Cascade Lake and Zen 4 has it;
+  // Skylake-SP without it gets the AVX2 set).
+  const bool avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_vnni;
   const bool avx2 = f.avx2 && f.fma;
   const bool bf16 = avx512 && f.avx512_bf16;
   // A forced set the CPU cannot run is ignored: the best one it can run is used instead.

@@ -667,7 +667,39 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
   constexpr int64_t bb = kQuantRows * (2 + kG);
   quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, int nt, float (*sums)[kQuantRows]) {
     const uint8_t* base = W + b * groups * bb;
-#if defined(__AVX2__)
+#if defined(__AVX512VNNI__)
+    // VPDPBUSD multiplies unsigned by signed bytes: the inputs' levels go in offset by 128 (x ^ 0x80), and each lane
+    // starts from -128 x (its 4 weights' sum), so it ends at the exact dot product. One register holds a group of
+    // two rows (rows 0-1, then 2-3: adjacent in the block), lanes 0-7 the first row, 8-15 the second.
+    const __m512i flip = _mm512_set1_epi8(char(0x80)), zero = _mm512_setzero_si512();
+    const __m512i two_rows = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[2][2];
+    for (auto& in : acc) in[0] = in[1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* p = base + g * bb;
+      const __m512 d = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+      const __m512 d01 = _mm512_permutexvar_ps(two_rows, d);
+      const __m512 d23 = _mm512_permutexvar_ps(_mm512_add_epi32(two_rows, _mm512_set1_epi32(2)), d);
+      const __m512i w01 = _mm512_loadu_si512(p + kQuantRows * 2);
+      const __m512i w23 = _mm512_loadu_si512(p + kQuantRows * 2 + 2 * kG);
+      const __m512i c01 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, w01));
+      const __m512i c23 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, w23));
+      for (int i = 0; i < nt; ++i) {
+        const auto* x = reinterpret_cast<const __m256i*>(qx + (t + i) * groups * kG + g * kG);
+        const __m512i xv = _mm512_xor_si512(_mm512_broadcast_i64x4(_mm256_loadu_si256(x)), flip);
+        const __m512 s = _mm512_set1_ps(sx[(t + i) * groups + g]);
+        const __m512 p01 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c01, xv, w01));
+        const __m512 p23 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c23, xv, w23));
+        acc[i][0] = _mm512_fmadd_ps(p01, _mm512_mul_ps(d01, s), acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(p23, _mm512_mul_ps(d23, s), acc[i][1]);
+      }
+    }
+    for (int i = 0; i < nt; ++i)
+      for (int h = 0; h < 2; ++h) {
+        sums[i][2 * h] = hsum256(_mm512_castps512_ps256(acc[i][h]));
+        sums[i][2 * h + 1] = hsum256(_mm512_extractf32x8_ps(acc[i][h], 1));
+      }
+#elif defined(__AVX2__)
     // |w| (unsigned) times x with w's sign (signed): VPMADDUBSW's operand types; pairs of products fit int16.
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][kQuantRows];
@@ -715,7 +747,39 @@ static void gemm_q4(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
   constexpr int64_t bb = kQuantRows * (4 + kG / 2);
   quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, int nt, float (*sums)[kQuantRows]) {
     const uint8_t* base = W + b * groups * bb;
-#if defined(__AVX2__)
+#if defined(__AVX512VNNI__)
+    // Levels 0..15 are unsigned, x's signed: VPDPBUSD as it is. One register holds the group's 4 rows (16 bytes each,
+    // 128-bit lane j row j): low nibbles against x's first 16 levels, high nibbles against the next 16.
+    const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    const __m512i four_rows = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m128 macc[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* p = base + g * bb;
+      const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+      const __m128 m = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+      const __m512 d4 = _mm512_permutexvar_ps(four_rows, _mm512_castps128_ps512(d));
+      const __m512i q = _mm512_loadu_si512(p + 16);
+      const __m512i lo = _mm512_and_si512(q, low), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+      for (int i = 0; i < nt; ++i) {
+        const int8_t* x = qx + (t + i) * groups * kG + g * kG;
+        const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+        const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16)));
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xl), hi, xh);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d4, _mm512_set1_ps(sx[(t + i) * groups + g])),
+                                 acc[i]);
+        macc[i] = _mm_fmadd_ps(m, _mm_set1_ps(xsum[(t + i) * groups + g]), macc[i]);
+      }
+    }
+    for (int i = 0; i < nt; ++i) {
+      alignas(16) float mm[kQuantRows];
+      _mm_store_ps(mm, macc[i]);
+      alignas(64) float a[16];
+      _mm512_store_ps(a, acc[i]);
+      for (int j = 0; j < kQuantRows; ++j)
+        sums[i][j] = ((a[4 * j] + a[4 * j + 1]) + (a[4 * j + 2] + a[4 * j + 3])) + mm[j];
+    }
+#elif defined(__AVX2__)
     // Levels 0..15 are unsigned, x's signed: VPMADDUBSW as it is.
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
     __m256 acc[2][kQuantRows];
