@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/kernels.h"
 #include "tensor.h"
@@ -643,17 +644,33 @@ static void dequant_q4(const uint8_t* block, int lane, int64_t k, float* out) {
 
 // Quantized matmuls: T input rows (each quantized to int8 levels qx with steps sx and level sums xsum, row
 // strides groups*32 and groups) times weight rows r0 .. r1-1 (r0 a multiple of kQuantRows), a block of 4 weight
-// rows at a time, two inputs at a time. Every (input, weight row) sum is accumulated group by group in the same
-// order whatever T is, so a row's result does not depend on how many rows are in the pass: a prompt, a decode
-// step and a verified proposal compute the same numbers for the same row.
+// rows at a time, kQuantInputs inputs at a time (block_dot gets their number as a compile-time constant, so its
+// accumulators stay in registers). Every (input, weight row) sum is accumulated group by group in the same order
+// whatever T is, so a row's result does not depend on how many rows are in the pass: a prompt, a decode step and a
+// verified proposal compute the same numbers for the same row.
+// Inputs per pass over a block's weights: VNNI's dot products leave the per-group work on the weights (loading,
+// unpacking, scales) the larger share, so it is shared by more inputs there.
+#if defined(__AVX512VNNI__)
+constexpr int kQuantInputs = 4;
+#else
+constexpr int kQuantInputs = 2;
+#endif
+
+template <int N, class F>
+static inline void with_inputs(int nt, F&& f) {  // f(std::integral_constant<int, nt>) for nt in 1..N
+  if constexpr (N > 1)
+    if (nt < N) return with_inputs<N - 1>(nt, f);
+  f(std::integral_constant<int, N>{});
+}
+
 template <class Acc>
 static void quant_matmul(int64_t groups, int64_t T, float* y, int64_t ldy, const float* bias, bool accumulate,
                          int64_t r0, int64_t r1, Acc&& block_dot) {
   for (int64_t r = r0; r < r1; r += kQuantRows) {
-    for (int64_t t = 0; t < T; t += 2) {
-      const int nt = t + 1 < T ? 2 : 1;
-      float sums[2][kQuantRows] = {};
-      block_dot(r / kQuantRows, t, nt, sums);
+    for (int64_t t = 0; t < T; t += kQuantInputs) {
+      const int nt = int(std::min<int64_t>(kQuantInputs, T - t));
+      float sums[kQuantInputs][kQuantRows] = {};
+      with_inputs<kQuantInputs>(nt, [&](auto n) { block_dot(r / kQuantRows, t, n, sums); });
       for (int i = 0; i < nt; ++i)
         for (int64_t j = 0; j < kQuantRows && r + j < r1; ++j)
           finish_row(y + (t + i) * ldy, r + j, sums[i][j], bias, accumulate);
@@ -665,7 +682,9 @@ static void quant_matmul(int64_t groups, int64_t T, float* y, int64_t ldy, const
 static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, int64_t T, float* y,
                     int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
   constexpr int64_t bb = kQuantRows * (2 + kG);
-  quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, int nt, float (*sums)[kQuantRows]) {
+  quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, auto n,
+                                                               float (*sums)[kQuantRows]) {
+    constexpr int nt = decltype(n)::value;
     const uint8_t* base = W + b * groups * bb;
 #if defined(__AVX512VNNI__)
     // VPDPBUSD multiplies unsigned by signed bytes: the inputs' levels go in offset by 128 (x ^ 0x80), and each lane
@@ -673,11 +692,13 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
     // two rows (rows 0-1, then 2-3: adjacent in the block), lanes 0-7 the first row, 8-15 the second.
     const __m512i flip = _mm512_set1_epi8(char(0x80)), zero = _mm512_setzero_si512();
     const __m512i two_rows = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 acc[2][2];
+    __m512 acc[kQuantInputs][2];
     for (auto& in : acc) in[0] = in[1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
       const __m512 d = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb + 64), _MM_HINT_T0);
       const __m512 d01 = _mm512_permutexvar_ps(two_rows, d);
       const __m512 d23 = _mm512_permutexvar_ps(_mm512_add_epi32(two_rows, _mm512_set1_epi32(2)), d);
       const __m512i w01 = _mm512_loadu_si512(p + kQuantRows * 2);
@@ -702,7 +723,7 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
 #elif defined(__AVX2__)
     // |w| (unsigned) times x with w's sign (signed): VPMADDUBSW's operand types; pairs of products fit int16.
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2][kQuantRows];
+    __m256 acc[kQuantInputs][kQuantRows];
     for (auto& row : acc)
       for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
@@ -745,19 +766,23 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
 static void gemm_q4(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, const float* xsum, int64_t T,
                     float* y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
   constexpr int64_t bb = kQuantRows * (4 + kG / 2);
-  quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, int nt, float (*sums)[kQuantRows]) {
+  quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, auto n,
+                                                               float (*sums)[kQuantRows]) {
+    constexpr int nt = decltype(n)::value;
     const uint8_t* base = W + b * groups * bb;
 #if defined(__AVX512VNNI__)
     // Levels 0..15 are unsigned, x's signed: VPDPBUSD as it is. One register holds the group's 4 rows (16 bytes each,
     // 128-bit lane j row j): low nibbles against x's first 16 levels, high nibbles against the next 16.
     const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
     const __m512i four_rows = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    __m128 macc[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+    __m512 acc[kQuantInputs];
+    __m128 macc[kQuantInputs];
+    for (int i = 0; i < kQuantInputs; ++i) acc[i] = _mm512_setzero_ps(), macc[i] = _mm_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
       const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
       const __m128 m = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+      _mm_prefetch(reinterpret_cast<const char*>(p + 16 * bb), _MM_HINT_T0);
       const __m512 d4 = _mm512_permutexvar_ps(four_rows, _mm512_castps128_ps512(d));
       const __m512i q = _mm512_loadu_si512(p + 16);
       const __m512i lo = _mm512_and_si512(q, low), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
@@ -782,8 +807,9 @@ static void gemm_q4(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
 #elif defined(__AVX2__)
     // Levels 0..15 are unsigned, x's signed: VPMADDUBSW as it is.
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
-    __m256 acc[2][kQuantRows];
-    __m128 macc[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+    __m256 acc[kQuantInputs][kQuantRows];
+    __m128 macc[kQuantInputs];
+    for (auto& m : macc) m = _mm_setzero_ps();
     for (auto& row : acc)
       for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
