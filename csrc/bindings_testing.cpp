@@ -114,6 +114,8 @@ void add_testing_hooks(py::module_& m) {
           return out;
         }, py::arg("q"), py::arg("format"), py::arg("n"), py::arg("k"));
   m.def("isa", [] { return std::string(cpu_kernels().isa); }, "The CPU kernel set in use (chosen from CPUID).");
+  m.def("quant_dot_rows", [] { return cpu_kernels().quant_dot_rows; },
+        "The longest int8/int4 run the kernel set in use takes on integer dot products (longer: float32 tiles).");
   m.def("cpu_features", [] {
           const CpuFeatures f = detect_cpu_features();
           py::dict d;

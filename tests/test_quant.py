@@ -137,9 +137,10 @@ def dequantized(weights, formats):
                                      dict(hidden_size=40, head_dim=20, num_attention_heads=2, num_key_value_heads=1,
                                           intermediate_size=61, vocab_size=271)])
 def test_quantized_model_matches_the_reference(tmp_path, dtype, variant):
-    """Prefill and one-row decode steps (integer dot products of int8-quantized inputs for runs of up to 96 rows)
-    against the numpy reference on the same dequantized weights, with every matmul input rounded the same way; and
-    a prompt run as a batch gives exactly the logits it gives token by token."""
+    """Prefill and one-row decode steps (integer dot products of int8-quantized inputs for the runs the kernel set
+    takes on integers: up to 96 rows, or all with VNNI) against the numpy reference on the same dequantized weights,
+    with every matmul input rounded the same way; and a prompt run as a batch gives exactly the logits it gives token
+    by token."""
     cfg, table, w = model(tmp_path, **variant)
     ids = [i % cfg["vocab_size"] for i in IDS]
     nxt = [i % cfg["vocab_size"] for i in NEXT]
@@ -183,16 +184,20 @@ def test_quantize_inputs_reference_is_what_the_kernels_do():
         assert np.abs(got - x.astype(np.float64) @ wq.T).max() > 1e-4
 
 
-def test_long_runs_take_float32_tiles(tmp_path):
-    """A run longer than 96 rows multiplies unrounded inputs by the dequantized weights (compute-bound prompts go
-    through sgemm). The lm_head takes at most 32 rows at a time: its inputs are rounded."""
+def test_long_runs_take_float32_tiles_or_integers(tmp_path):
+    """A run longer than the kernel set's integer limit (96 rows without VNNI) multiplies unrounded inputs by the
+    dequantized weights (compute-bound prompts go through sgemm); with VNNI it stays on integer dot products of
+    rounded inputs. The lm_head takes at most 32 rows at a time: its inputs are rounded."""
     cfg, table, w = model(tmp_path, max_position_embeddings=256)
     ids = [int(i) for i in np.random.default_rng(5).integers(0, cfg["vocab_size"], 120)]
     matrices = [n for n, v in w.items() if v.ndim == 2]
     wq = dequantized(w, {n: "int8" for n in matrices})
     m = _core.Model(core_config(cfg), table, dtype="int8", num_threads=2)
-    ref = reference_logits(wq, cfg, ids, quantized=["model.embed_tokens.weight"], quantized_rows=range(len(ids)))
+    rounded = matrices if _core.quant_dot_rows() >= len(ids) else ["model.embed_tokens.weight"]
+    ref = reference_logits(wq, cfg, ids, quantized=rounded, quantized_rows=range(len(ids)))
     got = m.prefill(ids, all_logits=True)
     close(got, ref)
+    if rounded == matrices:
+        return  # integer dot products all through: compared as test_quantized_model_matches_the_reference does
     # a rounding flip in the lm_head's input moves one row only: the layers themselves agree to float32 rounding
     assert np.median([rel_err(g, r) for g, r in zip(got, ref)]) < 1e-4

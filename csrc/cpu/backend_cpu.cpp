@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -37,7 +38,6 @@ namespace {
 constexpr int64_t kTileFloats = int64_t(2) << 20;  // per-thread f32 tile of bf16 weights for sgemm (8 MB)
 constexpr int64_t kRowAlign = 16;                  // rows per thread are multiples of this (cache lines of y)
 constexpr int64_t kAttnRows = 16;                  // query rows per attention work item
-constexpr int64_t kIntRows = 96;                   // quantized runs up to this long use integer dot products
 constexpr int64_t kGemvRows = 32;                  // float32 / bf16 runs up to this long use the GEMV
 
 int64_t available_memory_bytes() {
@@ -95,7 +95,11 @@ class CpuBackend final : public Backend {
     return std::string("cpu (") + K_.isa + ", " + std::to_string(pool_.size()) + " threads; one row: " + K_.isa +
            " GEMV; several rows: float32 " + sgemm + ", bfloat16 " +
            (K_.gemm_bf16_cols ? "VDPBF16PS GEMM on bf16-rounded inputs" : "tiles widened to float32 + " + sgemm) +
-           "; int8/int4: integer dot products with the inputs quantized to int8, any number of rows)";
+           "; int8/int4: integer dot products with the inputs quantized to int8, " +
+           (K_.quant_dot_rows == std::numeric_limits<int64_t>::max()
+                ? std::string("any number of rows")
+                : "up to " + std::to_string(K_.quant_dot_rows) + " rows, then tiles widened to float32 + " + sgemm) +
+           ")";
   }
   bool stores(Format) const override { return true; }
   DType activation_dtype() const override { return DType::F32; }
@@ -242,10 +246,10 @@ class CpuBackend final : public Backend {
 
   // Whether a run of n rows is computed row by row (each row the arithmetic of a one-row matmul, so runs can share
   // one pass over the weights, and verified proposals are decode steps bit for bit): single rows; quantized runs of
-  // up to kIntRows (integer dot products); float32 runs, and bf16 runs where there is no bf16 GEMM, of up to
-  // kGemvRows.
+  // up to the kernel set's quant_dot_rows (integer dot products); float32 runs, and bf16 runs where there is no bf16
+  // GEMM, of up to kGemvRows.
   bool per_row(const Weight& w, int64_t n) const {
-    return n == 1 || (is_quantized(w.format) && n <= kIntRows) ||
+    return n == 1 || (is_quantized(w.format) && n <= K_.quant_dot_rows) ||
            ((w.format == Format::F32 || (w.format == Format::BF16 && !K_.gemm_bf16_cols)) && n <= kGemvRows);
   }
 
@@ -278,10 +282,8 @@ class CpuBackend final : public Backend {
     const Tensor& w = weight.data;
     const int64_t T = x.rows;
     const float* b = bias ? bias->ptr<float>() : nullptr;
-    // Row by row: a one-row GEMV (bandwidth-bound); quantized runs of up to kIntRows rows on integer dot products,
-    // the weights read once (longer ones are compute-bound, and float32 tiles through sgemm are faster there: Zen 3,
-    // int4 1.5B, 29-31 tok/s on integers at any length; widened tiles 24 tok/s at 64 rows, 32 at 128, 37 at 256);
-    // bf16 runs of up to kGemvRows (verified proposals, short prompts, a prompt's last chunk) on the several-input
+    // Row by row: a one-row GEMV (bandwidth-bound); quantized runs on integer dot products, the weights read once,
+    // up to the kernel set's quant_dot_rows (kernels_impl.h); bf16 runs of up to kGemvRows (verified proposals, short prompts, a prompt's last chunk) on the several-input
     // GEMV, the weights read as bf16 instead of widened to float32 tiles first (Zen 3, 1.5B, 2 threads: 4 rows 682
     // -> 236 ms, 16 rows 1093 -> 628 ms, 32 rows 1454 -> 1075 ms).
     if (per_row(weight, T)) return matmul_rows(out, x, weight, bias, accumulate);

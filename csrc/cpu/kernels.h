@@ -52,6 +52,9 @@ struct CpuKernels {
   // lookup too).
   void (*dequant_q8)(const uint8_t* block, int lane, int64_t k, float* out);
   void (*dequant_q4)(const uint8_t* block, int lane, int64_t k, float* out);
+  // Quantized runs of up to this many rows take gemm_q8/gemm_q4; longer ones go as float32 tiles through sgemm
+  // where that is faster (without VNNI).
+  int64_t quant_dot_rows;
 
   // Batched matmul with bf16 inputs and float32 accumulation (AVX512-BF16; nullptr elsewhere).
   // round_rows_bf16: X16[r] = bf16(X[r]) for rows [r0, r1), each row padded to an even length k2 with a zero.
