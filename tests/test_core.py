@@ -518,10 +518,8 @@ def test_decode_rows_of_seventeen_sequences_equal_each_alone(tmp_path, dtype):
 def test_a_verify_pass_equals_decode_steps(tmp_path, dtype):
     """A sequence's last token and proposed ids fed as one run of rows (speculative verification) give, row for
     row and bit for bit, the logits of decoding them one at a time: so verifying proposals never changes a greedy
-    answer. bfloat16 on CPUs with a bf16 GEMM (AVX512-BF16) rounds batched inputs to bf16 and is exempt."""
+    answer."""
     d, cfg, _ = checkpoint(tmp_path, disk_dtype="BF16", tie_word_embeddings=False)
-    if dtype == "bfloat16" and _core.isa().endswith("+bf16"):
-        pytest.skip("batched bf16 rows take the bf16 GEMM on this CPU")
     run = NEXT[:9]  # the last token and 8 proposals
     verify, step = load(d, dtype=dtype), load(d, dtype=dtype)
     verify.prefill(IDS)
