@@ -163,7 +163,10 @@ def run_load(base: str, model: str, clients: int, requests: int, max_tokens: int
 
 def bench_server(srv: Server, model: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
     srv.wait_ready(args.ready_timeout)
-    run_load(srv.base, model, 1, 1, 8, seq0=10_000)  # warm-up: first-call costs out of the measurement
+    # Warm-up with the most clients of the run: first-call costs, and the first use of each KV slot (the OS maps its
+    # pages then; on a VM whose memory was never touched since boot, that was ~0.8 s per slot), out of the
+    # measurement, as on a server that has been up for a while.
+    run_load(srv.base, model, max(args.clients), 1, 8, seq0=10_000)
     rows, seq = [], 0
     for c in args.clients:
         if args.quiet_below is not None:
