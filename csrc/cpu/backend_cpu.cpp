@@ -284,9 +284,10 @@ class CpuBackend final : public Backend {
     const int64_t T = x.rows;
     const float* b = bias ? bias->ptr<float>() : nullptr;
     // Row by row: a one-row GEMV (bandwidth-bound); quantized runs on integer dot products, the weights read once,
-    // up to the kernel set's quant_dot_rows (kernels_impl.h); bf16 runs of up to kGemvRows (verified proposals, short prompts, a prompt's last chunk) on the several-input
-    // GEMV, the weights read as bf16 instead of widened to float32 tiles first (Zen 3, 1.5B, 2 threads: 4 rows 682
-    // -> 236 ms, 16 rows 1093 -> 628 ms, 32 rows 1454 -> 1075 ms).
+    // up to the kernel set's quant_dot_rows (kernels_impl.h); bf16 runs of up to kGemvRows (verified proposals,
+    // short prompts, a prompt's last chunk) on the several-input GEMV, the weights read as bf16 instead of widened
+    // to float32 tiles first (Zen 3, 1.5B, 2 threads: 4 rows 682 -> 236 ms, 16 rows 1093 -> 628 ms, 32 rows 1454 ->
+    // 1075 ms).
     if (per_row(weight, T)) return matmul_rows(out, x, weight, bias, accumulate);
     if (is_quantized(weight.format)) return gemm_widened(out, x, weight, b, accumulate);
     if (weight.format == Format::F32) gemm_f32(out, x, w, b, accumulate);
