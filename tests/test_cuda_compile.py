@@ -97,8 +97,8 @@ def test_objects_link_and_load_without_a_gpu(toolchain, objects, tmp_path):
     host = [("weights.cpp", []), ("cpu/kernels_generic.cpp", []), ("cpu/kernels_dispatch.cpp", [])]
     if x86:
         host += [("cpu/kernels_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
-                 ("cpu/kernels_avx512.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2",
-                                             "-mfma", "-mf16c"]),
+                 ("cpu/kernels_avx512.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
+                                             "-mavx2", "-mfma", "-mf16c"]),
                  ("cpu/gemm_bf16.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
                                         "-mavx2", "-mfma"])]
     host_objs = []

@@ -46,6 +46,20 @@ print(json.dumps(dict(isa=_core.isa(), cases=cases)))
 """
 
 
+def skip_unless_runnable(isa: str) -> None:
+    """Skips a case this CPU cannot run, the `best` case where a name forces the CPU's choice in another case, and
+    under the sanitizers every set but the selected one."""
+    from qwen_native import _core
+
+    best = _core.select_isa(_core.cpu_features())
+    if isa == "best" and best in ("generic", "avx2", "avx512"):
+        pytest.skip(f"this CPU's choice, {best}, is forced by name in another case")
+    if isa != "best" and not _core.select_isa(_core.cpu_features(), isa).startswith(isa):
+        pytest.skip(f"this CPU cannot run the {isa} kernels (it gets {best})")
+    if SANITIZED and isa != "best" and not best.startswith(isa):
+        pytest.skip("under the sanitizers only the selected kernel set runs")
+
+
 def run_isa(isa: str) -> dict:
     env = dict(os.environ, QWEN_NATIVE_ISA=isa)  # "best": not a set's name, so the CPU's own choice
     out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(SHAPES), json.dumps(THREADS)], env=env,
@@ -58,16 +72,10 @@ def test_matmul_kernels(isa):
     """Each set forced, and the CPU's own choice where that is a set no name forces (avx512+bf16's GEMM)."""
     from qwen_native import _core
 
-    best = _core.select_isa(_core.cpu_features())
-    if isa == "best" and best in ("generic", "avx2", "avx512"):
-        pytest.skip(f"this CPU's choice, {best}, is forced by name in another case")
-    if isa != "best" and not _core.select_isa(_core.cpu_features(), isa).startswith(isa):
-        pytest.skip(f"this CPU cannot run the {isa} kernels (it gets {best})")
-    if SANITIZED and not best.startswith(isa):
-        pytest.skip("under the sanitizers only the selected kernel set runs")
+    skip_unless_runnable(isa)
     result = run_isa(isa)
     got_isa = result["isa"]
-    assert got_isa == _core.select_isa(_core.cpu_features(), isa), (got_isa, best)
+    assert got_isa == _core.select_isa(_core.cpu_features(), isa), got_isa
     rng = np.random.default_rng(0)
     data = []
     for T, n, k in SHAPES:
@@ -169,13 +177,7 @@ def test_rows_of_several_sequences_equal_each_alone(isa):
     format and kernel set."""
     from qwen_native import _core
 
-    best = _core.select_isa(_core.cpu_features())
-    if isa == "best" and best in ("generic", "avx2", "avx512"):
-        pytest.skip(f"this CPU's choice, {best}, is forced by name in another case")
-    if isa != "best" and not _core.select_isa(_core.cpu_features(), isa).startswith(isa):
-        pytest.skip(f"this CPU cannot run the {isa} kernels")
-    if SANITIZED and not best.startswith(isa):
-        pytest.skip("under the sanitizers only the selected kernel set runs")
+    skip_unless_runnable(isa)
     env = dict(os.environ, QWEN_NATIVE_ISA=isa)
     res = json.loads(subprocess.run([sys.executable, "-c", ROWS_SCRIPT], env=env, capture_output=True, text=True,
                                     check=True).stdout)
