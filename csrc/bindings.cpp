@@ -94,9 +94,10 @@ Qwen2Config config_from_dict(const py::dict& d) {
 }
 
 Format parse_format(const std::string& s) {
-  for (Format f : {Format::F32, Format::BF16, Format::Q8, Format::Q4})
+  for (Format f : {Format::F32, Format::BF16, Format::Q8, Format::Q4, Format::Q6})
     if (s == format_name(f)) return f;
-  throw py::value_error("weight format must be \"float32\", \"bfloat16\", \"int8\" or \"int4\", got \"" + s + "\"");
+  throw py::value_error("weight format must be \"float32\", \"bfloat16\", \"int8\", \"int4\" or \"int6\", got \"" + s +
+                        "\"");
 }
 
 [[noreturn]] void outside_vocab(const std::string& id, int64_t vocab) {

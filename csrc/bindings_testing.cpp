@@ -29,9 +29,15 @@ int threads_or_default(int n) {
 }
 
 Format format_arg(const std::string& dtype) {
-  for (Format f : {Format::F32, Format::BF16, Format::Q8, Format::Q4})
+  for (Format f : {Format::F32, Format::BF16, Format::Q8, Format::Q4, Format::Q6})
     if (dtype == format_name(f)) return f;
-  throw py::value_error("dtype must be float32, bfloat16, int8 or int4");
+  throw py::value_error("dtype must be float32, bfloat16, int8, int4 or int6");
+}
+
+Format quant_format(const std::string& format) {
+  const Format f = format_arg(format);
+  if (!is_quantized(f)) throw py::value_error("format must be int8, int4 or int6");
+  return f;
 }
 }  // namespace
 
@@ -88,34 +94,33 @@ void add_testing_hooks(py::module_& m) {
   m.def("_quantize", [](FloatArray x, const std::string& format) {
           // For tests: rows of x in a quantized format's bytes (tensor.h's layout), as the loader stores them.
           if (x.ndim() != 2 || x.shape(0) < 1 || x.shape(1) < 1) throw py::value_error("x must be a non-empty (n, k) array");
-          const Format f = format == "int8" ? Format::Q8 : format == "int4" ? Format::Q4
-                                            : throw py::value_error("format must be int8 or int4");
-          const int64_t n = x.shape(0), k = x.shape(1), row_bytes = quant_groups(k) * quant_block_bytes(f);
+          const Format f = quant_format(format);
+          const int64_t n = x.shape(0), k = x.shape(1), row_bytes = quant_block_bytes(f, k);
           py::array_t<uint8_t> out({quant_blocks(n), row_bytes});
           std::memset(out.mutable_data(), 0, size_t(out.size()));
           for (int64_t r = 0; r < n; ++r)
             if (!cpu_kernels().quantize_row(f, x.data() + r * k, k, out.mutable_data() + (r / kQuantRows) * row_bytes,
                                             int(r % kQuantRows)))
-              throw py::value_error("a value is too large for a float16 scale");
+              throw py::value_error("a value does not fit the format (NaN, inf, or too large for a float16 scale)");
           return out;
         }, py::arg("x"), py::arg("format"));
   m.def("_dequantize", [](py::array_t<uint8_t, py::array::c_style | py::array::forcecast> q, const std::string& format,
                           int64_t n, int64_t k) {
-          const Format f = format == "int8" ? Format::Q8 : format == "int4" ? Format::Q4
-                                            : throw py::value_error("format must be int8 or int4");
-          const int64_t row_bytes = quant_groups(k) * quant_block_bytes(f);
+          const Format f = quant_format(format);
+          const int64_t row_bytes = quant_block_bytes(f, k);
           if (n < 1 || k < 1 || q.size() != quant_blocks(n) * row_bytes) throw py::value_error("q has the wrong size");
           py::array_t<float> out({n, k});
           for (int64_t r = 0; r < n; ++r) {
             const uint8_t* block = q.data() + (r / kQuantRows) * row_bytes;
             if (f == Format::Q8) cpu_kernels().dequant_q8(block, int(r % kQuantRows), k, out.mutable_data() + r * k);
-            else cpu_kernels().dequant_q4(block, int(r % kQuantRows), k, out.mutable_data() + r * k);
+            else if (f == Format::Q4) cpu_kernels().dequant_q4(block, int(r % kQuantRows), k, out.mutable_data() + r * k);
+            else cpu_kernels().dequant_q6(block, int(r % kQuantRows), k, out.mutable_data() + r * k);
           }
           return out;
         }, py::arg("q"), py::arg("format"), py::arg("n"), py::arg("k"));
   m.def("isa", [] { return std::string(cpu_kernels().isa); }, "The CPU kernel set in use (chosen from CPUID).");
   m.def("quant_dot_rows", [] { return cpu_kernels().quant_dot_rows; },
-        "The longest int8/int4 run the kernel set in use takes on integer dot products (longer: float32 tiles).");
+        "The longest quantized run the kernel set in use takes on integer dot products (longer: float32 tiles).");
   m.def("cpu_features", [] {
           const CpuFeatures f = detect_cpu_features();
           py::dict d;

@@ -54,15 +54,21 @@ struct Tensor {
 };
 
 // How a parameter is stored. Plain formats hold one element per value, row by row. Quantized ones cut each row into
-// groups of kQuantGroup values (the last one zero-padded) with float16 scales per group:
-//   Q8: value = d * q, q int8 in [-127, 127]                           8.5 bits per weight
-//   Q4: value = d * q + m, q in [0, 15], two per byte                  5 bits per weight
+// groups of kQuantGroup values (the last one zero-padded):
+//   Q8: value = d * q, q int8 in [-127, 127], d a float16 per group                              8.5 bits per weight
+//   Q4: value = d * q + m, q in [0, 15] (two per byte), d = D * a (a in 0..255), m = M * c (c in -127..127):
+//       8-bit codes per group of a row's step D and offset M (float32 values of bfloat16 precision, so that d * q
+//       and m are exact in float32 and a value is one rounding of their sum)                   4.5 bits per weight
+//   Q6: as Q4 with q in [0, 63] (for the embedding and lm_head of an int4 model)                6.5 bits per weight
 // and keep kQuantRows rows together (the last block zero-padded), group by group, so that a one-row matmul reads
-// the matrix as one sequential stream (rows of 1536 int8 are too short for the prefetchers one by one). Block b,
-// group g is at byte (b * groups + g) * quant_block_bytes: the 4 rows' scales first (Q8: d0..d3; Q4: d0..d3,
-// m0..m3), then each row's levels (Q8: 32 bytes; Q4: 16 bytes, byte j holding value j in its low nibble and value
-// j + 16 in its high nibble). The model picks a format per tensor, so one model may mix them.
-enum class Format : uint8_t { F32, BF16, Q8, Q4 };
+// the matrix as one sequential stream (rows of 1536 int8 are too short for the prefetchers one by one). A block of
+// 4 rows is quant_block_bytes(f, cols) long: a header (Q4, Q6: D0..D3, M0..M3 as float32; Q8: none), then its
+// groups, group g at byte header + g * quant_group_bytes: the 4 rows' scales first (Q8: d0..d3 as float16; Q4, Q6:
+// a0..a3 as uint8, c0..c3 as int8), then each row's levels (Q8: 32 bytes; Q4 and Q6: 16 bytes, byte j holding the low 4 bits
+// of value j in its low nibble and of value j + 16 in its high one), then (Q6) each row's top 2 bits of its levels
+// (8 bytes: bits 2s, 2s + 1 of byte j those of value j + 8s). The model picks a format per tensor, so one model may
+// mix them.
+enum class Format : uint8_t { F32, BF16, Q8, Q4, Q6 };
 constexpr int64_t kQuantGroup = 32, kQuantRows = 4;
 
 inline const char* format_name(Format f) {
@@ -70,15 +76,21 @@ inline const char* format_name(Format f) {
     case Format::F32: return "float32";
     case Format::BF16: return "bfloat16";
     case Format::Q8: return "int8";
-    default: return "int4";
+    case Format::Q4: return "int4";
+    default: return "int6";
   }
 }
-inline bool is_quantized(Format f) { return f == Format::Q8 || f == Format::Q4; }
-inline int64_t quant_groups(int64_t cols) { return (cols + kQuantGroup - 1) / kQuantGroup; }
-inline int64_t quant_blocks(int64_t rows) { return (rows + kQuantRows - 1) / kQuantRows; }
-inline int64_t quant_level_bytes(Format f) { return f == Format::Q4 ? kQuantGroup / 2 : kQuantGroup; }  // a row's
-inline int64_t quant_scale_bytes(Format f) { return f == Format::Q4 ? 4 : 2; }                         // a row's
-inline int64_t quant_block_bytes(Format f) { return kQuantRows * (quant_scale_bytes(f) + quant_level_bytes(f)); }
+inline bool is_quantized(Format f) { return f == Format::Q8 || f == Format::Q4 || f == Format::Q6; }
+constexpr int64_t quant_groups(int64_t cols) { return (cols + kQuantGroup - 1) / kQuantGroup; }
+constexpr int64_t quant_blocks(int64_t rows) { return (rows + kQuantRows - 1) / kQuantRows; }
+constexpr int64_t quant_header_bytes(Format f) { return f == Format::Q4 || f == Format::Q6 ? kQuantRows * 8 : 0; }
+constexpr int64_t quant_group_bytes(Format f) {  // one group of a block's 4 rows: their scales, then their levels
+  return f == Format::Q8 ? kQuantRows * (2 + kQuantGroup)
+                         : kQuantRows * (2 + kQuantGroup / 2 + (f == Format::Q6 ? kQuantGroup / 4 : 0));
+}
+constexpr int64_t quant_block_bytes(Format f, int64_t cols) {  // a block of 4 rows of `cols` values
+  return quant_header_bytes(f) + quant_groups(cols) * quant_group_bytes(f);
+}
 // The element type of a plain format's data (quantized data is bytes).
 inline DType format_dtype(Format f) {
   switch (f) {
@@ -90,13 +102,13 @@ inline DType format_dtype(Format f) {
 // Bytes of a rows × cols matrix in format f, exactly (what the backend allocates for it).
 inline int64_t format_bytes(Format f, int64_t rows, int64_t cols) {
   if (!is_quantized(f)) return rows * cols * int64_t(dtype_size(format_dtype(f)));
-  return quant_blocks(rows) * quant_groups(cols) * quant_block_bytes(f);
+  return quant_blocks(rows) * quant_block_bytes(f, cols);
 }
 
 // A model parameter: its data in the backend's memory and the format that data is in. Matmuls and the embedding
 // lookup dispatch on `format`.
 struct Weight {
-  Tensor data;  // plain: (rows, cols) of format_dtype(format); quantized: U8 (blocks, groups * quant_block_bytes)
+  Tensor data;  // plain: (rows, cols) of format_dtype(format); quantized: U8 (blocks, quant_block_bytes)
   Format format = Format::F32;
   int64_t n = 0, k = 0;  // rows and columns of the matrix it stands for
 

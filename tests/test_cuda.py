@@ -440,18 +440,24 @@ def test_quantized_model_matches_cpu(tmp_path, name, fmt):
     assert g.weight_format == fmt
     ids = prompt(20, cfg["vocab_size"])
     run_and_compare(g, core.Model(cfg, table, dtype=fmt, device="cpu", num_threads=2), ids, 8, TOL_Q)
-    if name == "wide-mlp":
-        assert f"{fmt} 64x3328=qgemv/8" in g.backend, g.backend
+    if name == "wide-mlp":  # several warps a block of rows (the split follows the bytes of a row: int4's are fewer)
+        assert f"{fmt} 64x3328=qgemv/{8 if fmt == 'int8' else 4}" in g.backend, g.backend
     g.reset()
     ref_cfg, ref_table = checkpoint(tmp_path, name, quantized=fmt)
     run_and_compare(g, cpu(ref_cfg, ref_table), ids, 8, TOL)
 
 
-def test_mixed_formats(tmp_path):
-    """int4 MLPs, int8 attention projections and lm_head, a bf16 embedding, in one model."""
+@pytest.mark.parametrize("wide", ["int8", "int6"])
+def test_mixed_formats(tmp_path, wide):
+    """int4 MLPs, int8 attention projections and lm_head, a bf16 embedding, in one model; and load(dtype="int4")'s
+    mix: int4 layers, int6 embedding and lm_head."""
     cfg, table = checkpoint(tmp_path, "mha-untied")
-    formats = {name: "int4" if ".mlp." in name else "int8" for name, _, _, shape, _, _ in table
-               if len(shape) == 2 and name != "model.embed_tokens.weight"}
+    if wide == "int8":
+        formats = {name: "int4" if ".mlp." in name else "int8" for name, _, _, shape, _, _ in table
+                   if len(shape) == 2 and name != "model.embed_tokens.weight"}
+    else:
+        formats = {name: "int4" if name.startswith("model.layers.") else "int6" for name, _, _, shape, _, _ in table
+                   if len(shape) == 2}
     g = gpu(cfg, table, weight_formats=formats)
     assert g.weight_format == "mixed"
     ids = prompt(20, cfg["vocab_size"])

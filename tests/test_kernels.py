@@ -33,7 +33,7 @@ for T, n, k in shapes:
     w = rng.standard_normal((n, k)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     o = rng.standard_normal((T, n)).astype(np.float32)
-    for dtype in ("float32", "bfloat16", "int8", "int4"):
+    for dtype in ("float32", "bfloat16", "int8", "int4", "int6"):
         # quantized formats: the weights as this kernel set stores them, for the reference
         wq = _core._dequantize(_core._quantize(w, dtype), dtype, n, k).tolist() if dtype.startswith("int") else None
         for th in threads:
@@ -88,7 +88,7 @@ def test_matmul_kernels(isa):
             w = bf16_round(w)  # stored as bf16
             if got_isa.endswith("+bf16"):
                 x = bf16_round(x)  # VDPBF16PS (GEMV and GEMM) takes bf16 inputs
-        elif case["dtype"] in ("int8", "int4"):
+        elif case["dtype"] in ("int8", "int4", "int6"):
             w = np.asarray(case["wq"], dtype=np.float32)  # dequantized (tests/test_quant.py checks the format)
             x = quantize_inputs(x)  # integer dot products of the int8-rounded inputs
         ref = x.astype(np.float64) @ w.astype(np.float64).T
@@ -152,7 +152,7 @@ for n, k in ((37, 97), (64, 1536), (300, 64)):
     w = rng.standard_normal((n, k)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     x = rng.standard_normal((17, k)).astype(np.float32)
-    for dtype in ("float32", "bfloat16", "int8", "int4"):
+    for dtype in ("float32", "bfloat16", "int8", "int4", "int6"):
         for th in (1, 3):
             batch = _core._backend_matmul(x, w, bias=b, dtype=dtype, num_threads=th, rows=True)
             alone = np.concatenate([_core._backend_matmul(x[t:t + 1], w, bias=b, dtype=dtype, num_threads=th)

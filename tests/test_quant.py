@@ -21,24 +21,43 @@ IDS = [3, 17, 256, 42, 9, 120, 255, 1, 77, 5, 64, 299]
 NEXT = [11, 200, 7, 150, 33, 90]
 
 
+def coded_parts(q: np.ndarray, fmt: str, n: int, k: int):
+    """The int4 / int6 formats' parts per row, read from the layout tensor.h documents: D and M (n, 1) float32, the
+    codes a (uint8) and c (int8) per group (n, groups), the levels (n, groups, 32)."""
+    groups = -(-k // G)
+    high = 8 if fmt == "int6" else 0  # a row's bytes of top bits per group
+    blocks = q.reshape(q.shape[0], -1)
+    head = blocks[:, :8 * R].copy().view(np.float32)  # (blocks, 8): D0..D3, M0..M3
+    body = blocks[:, 8 * R:].reshape(-1, groups, R * (2 + G // 2 + high))
+    D = head[:, :R].reshape(-1, 1)[:n]
+    M = head[:, R:].reshape(-1, 1)[:n]
+    a = body[:, :, :R].transpose(0, 2, 1).reshape(-1, groups)[:n]
+    c = body[:, :, R:2 * R].view(np.int8).transpose(0, 2, 1).reshape(-1, groups)[:n]
+    nib = body[:, :, 2 * R:2 * R + R * G // 2].reshape(-1, groups, R, G // 2).transpose(0, 2, 1, 3)
+    nib = nib.reshape(-1, groups, G // 2)[:n].astype(np.int32)
+    levels = np.concatenate([nib & 15, nib >> 4], axis=-1)
+    if high:
+        h = body[:, :, 2 * R + R * G // 2:].reshape(-1, groups, R, 8).transpose(0, 2, 1, 3)
+        h = h.reshape(-1, groups, 8)[:n].astype(np.int32)
+        top = np.concatenate([(h >> (2 * s)) & 3 for s in range(4)], axis=-1)  # value j + 8s: bits 2s of byte j
+        levels = levels | (top << 4)
+    return D, M, a, c, levels
+
+
 def decode(q: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
     """The values a block of bytes stands for, read from the layout tensor.h documents."""
     groups = -(-k // G)
-    per = R * (2 + G) if fmt == "int8" else R * (4 + G // 2)
-    blocks = q.reshape(-1, groups, per)
+    if fmt in ("int4", "int6"):
+        D, M, a, c, levels = coded_parts(q, fmt, n, k)
+        d = (D * a.astype(np.float32))[..., None]  # exact: D has 8 significant bits, a 8
+        m = (M * c.astype(np.float32))[..., None]
+        return (d * levels.astype(np.float32) + m).reshape(n, -1)[:, :k]
+    blocks = q.reshape(-1, groups, R * (2 + G))
     out = np.zeros((blocks.shape[0] * R, groups * G), np.float32)
     for lane in range(R):
-        if fmt == "int8":
-            d = blocks[:, :, 2 * lane:2 * lane + 2].copy().view(np.float16).astype(np.float32)  # (blocks, groups, 1)
-            levels = blocks[:, :, 2 * R + G * lane:2 * R + G * (lane + 1)].view(np.int8).astype(np.float32)
-            vals = d * levels
-        else:
-            d = blocks[:, :, 2 * lane:2 * lane + 2].copy().view(np.float16).astype(np.float32)
-            m = blocks[:, :, 2 * R + 2 * lane:2 * R + 2 * lane + 2].copy().view(np.float16).astype(np.float32)
-            b = blocks[:, :, 4 * R + (G // 2) * lane:4 * R + (G // 2) * (lane + 1)]
-            levels = np.concatenate([b & 15, b >> 4], axis=-1).astype(np.float32)
-            vals = d * levels + m
-        out[lane::R] = vals.reshape(blocks.shape[0], -1)
+        d = blocks[:, :, 2 * lane:2 * lane + 2].copy().view(np.float16).astype(np.float32)  # (blocks, groups, 1)
+        levels = blocks[:, :, 2 * R + G * lane:2 * R + G * (lane + 1)].view(np.int8).astype(np.float32)
+        out[lane::R] = (d * levels).reshape(blocks.shape[0], -1)
     return out[:n, :k]
 
 
@@ -69,29 +88,45 @@ def test_int8_bytes_are_the_format(n, k):
                   + 1e-7)
 
 
+@pytest.mark.parametrize("fmt, top", [("int4", 15), ("int6", 63)])
 @pytest.mark.parametrize("n, k", SHAPES)
-def test_int4_bytes_decode_and_beat_min_max_rounding(n, k):
-    """int4 bytes decode (here, from the documented layout) to what the core dequantizes; every level is in
-    0..15 by construction; and the chosen steps and offsets reconstruct the weights at least as well as plain
-    min/max rounding would (the error-minimising search), group by group within float16 rounding."""
+def test_coded_bytes_decode_and_beat_min_max_rounding(n, k, fmt, top):
+    """int4 / int6 bytes decode (here, from the documented layout) to what the core dequantizes; each row's D and M
+    have bfloat16 precision and its codes their ranges, so every value is one float32 rounding of exact terms; and
+    the chosen codes reconstruct each row at least as well as plain min/max rounding with float32 steps and offsets
+    would (the error-minimising search wins more than the 8-bit codes cost), clearly better overall."""
     rng = np.random.default_rng(n * 1000 + k)
     w = (rng.standard_normal((n, k)) * 0.05 + rng.standard_normal((n, 1)) * 0.01).astype(np.float32)
-    q = _core._quantize(w, "int4")
-    got = decode(q, "int4", n, k)
-    np.testing.assert_array_equal(_core._dequantize(q, "int4", n, k), got)
+    q = _core._quantize(w, fmt)
+    bits = 4 if fmt == "int4" else 6  # + 2 bytes of codes a group, + 8 bytes a row
+    assert q.nbytes == -(-n // R) * (8 * R + -(-k // G) * R * (2 + G * bits // 8))
+    got = decode(q, fmt, n, k)
+    np.testing.assert_array_equal(_core._dequantize(q, fmt, n, k), got)
+    D, M, a, c, levels = coded_parts(q, fmt, n, k)
+    assert np.all(D.view(np.uint32) & 0xFFFF == 0) and np.all(M.view(np.uint32) & 0xFFFF == 0)
+    assert np.all(c >= -127) and np.all(levels <= top)
     pad = -k % G
     wg = np.concatenate([w, np.zeros((n, pad), np.float32)], axis=1).reshape(n, -1, G)
     gg = np.concatenate([got, np.zeros((n, pad), np.float32)], axis=1).reshape(n, -1, G)
     mn, mx = wg.min(-1, keepdims=True), wg.max(-1, keepdims=True)
-    d = np.where(mx > mn, (mx - mn) / 15, 1)
-    plain = np.clip(np.rint((wg - mn) / d), 0, 15) * d + mn
+    d = np.where(mx > mn, (mx - mn) / top, 1)
+    plain = np.clip(np.rint((wg - mn) / d), 0, top) * d + mn
     # A last group shorter than 32 is fitted with its zero padding: compare whole groups.
     full = k // G
-    err_ours = ((gg - wg) ** 2)[:, :full].sum(-1)
-    err_plain = ((plain - wg) ** 2)[:, :full].sum(-1)
-    assert np.all(err_ours <= err_plain * 1.02 + 1e-8)  # + float16 rounding of d and m
+    err_ours = ((gg - wg) ** 2)[:, :full].sum((-1, -2))
+    err_plain = ((plain - wg) ** 2)[:, :full].sum((-1, -2))
+    assert np.all(err_ours <= err_plain * 1.02 + 1e-8)
     if n * full >= 8:  # and clearly better overall, where there are enough groups to say
         assert err_ours.sum() < 0.9 * err_plain.sum()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int6"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_value_that_is_not_finite_is_an_error(fmt, bad):
+    w = np.ones((3, 40), np.float32)
+    w[1, 33] = bad
+    with pytest.raises(ValueError, match="does not fit"):
+        _core._quantize(w, fmt)
 
 
 def test_too_large_for_a_float16_scale_is_an_error():
@@ -159,11 +194,14 @@ def test_quantized_model_matches_the_reference(tmp_path, dtype, variant):
     assert rel_err(ref[:len(ids)], plain) > (1e-3 if dtype == "int4" else 1e-5)
 
 
-def test_mixed_quantized_and_plain_formats(tmp_path):
-    """int4 layers, an int8 lm_head and a float32 embedding in one model."""
-    cfg, table, w = model(tmp_path, tie_word_embeddings=False)
+@pytest.mark.parametrize("tied, wider", [(False, {"lm_head.weight": "int8"}),  # and a float32 embedding
+                                         (False, {"lm_head.weight": "int6", "model.embed_tokens.weight": "int6"}),
+                                         (True, {"model.embed_tokens.weight": "int6"})])  # load(dtype="int4")'s mix
+def test_mixed_quantized_and_plain_formats(tmp_path, tied, wider):
+    """int4 layers with a wider embedding and lm_head in one model."""
+    cfg, table, w = model(tmp_path, tie_word_embeddings=tied)
     formats = {n: "int4" for n, v in w.items() if v.ndim == 2 and n.startswith("model.layers.")}
-    formats["lm_head.weight"] = "int8"
+    formats.update(wider)
     m = _core.Model(core_config(cfg), table, dtype="float32", num_threads=1, weight_formats=formats)
     assert m.weight_format == "mixed"
     wq = dequantized(w, formats)
@@ -172,12 +210,12 @@ def test_mixed_quantized_and_plain_formats(tmp_path):
 
 
 def test_quantize_inputs_reference_is_what_the_kernels_do():
-    """The reference's rounding of matmul inputs against the kernels: an int8 / int4 matmul equals the rounded
+    """The reference's rounding of matmul inputs against the kernels: a quantized matmul equals the rounded
     inputs times the dequantized weight (and differs from the unrounded inputs' product)."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((3, 100)).astype(np.float32)
     w = rng.standard_normal((8, 100)).astype(np.float32)
-    for fmt in ("int8", "int4"):
+    for fmt in ("int8", "int4", "int6"):
         wq = _core._dequantize(_core._quantize(w, fmt), fmt, 8, 100).astype(np.float64)
         got = _core._backend_matmul(x, w, dtype=fmt)
         np.testing.assert_allclose(got, quantize_inputs(x).astype(np.float64) @ wq.T, rtol=1e-5, atol=1e-5)

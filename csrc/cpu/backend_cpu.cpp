@@ -141,7 +141,7 @@ class CpuBackend final : public Backend {
       sx_.resize(size_t(groups));
       xsum_.resize(size_t(groups));
     }
-    return Weight{alloc(DType::U8, quant_blocks(rows), groups * quant_block_bytes(f)), f, rows, cols};
+    return Weight{alloc(DType::U8, quant_blocks(rows), quant_block_bytes(f, cols)), f, rows, cols};
   }
 
   void upload_weight(const Weight& dst, int64_t row0, const void* src, DType src_dtype, int64_t rows) override {
@@ -153,8 +153,9 @@ class CpuBackend final : public Backend {
       Tensor one{row.data(), DType::F32, 1, k, k};
       upload(one, 0, static_cast<const char*>(src) + (r - row0) * k * int64_t(dtype_size(src_dtype)), src_dtype, k);
       if (!K_.quantize_row(dst.format, row.data(), k, dst.data.row<uint8_t>(r / kQuantRows), int(r % kQuantRows)))
-        throw std::invalid_argument(std::string("a weight is too large for ") + format_name(dst.format) +
-                                    " (its float16 scale would overflow); load this model in bfloat16 or float32");
+        throw std::invalid_argument(std::string("a weight has a value that ") + format_name(dst.format) +
+                                    " cannot hold (NaN, inf, or a float16 scale that would overflow); load this "
+                                    "model in bfloat16 or float32");
     }
   }
 
@@ -162,7 +163,8 @@ class CpuBackend final : public Backend {
   void dequant_row(const Weight& w, int64_t r, float* out) const {
     const uint8_t* block = w.data.row<uint8_t>(r / kQuantRows);
     if (w.format == Format::Q8) K_.dequant_q8(block, int(r % kQuantRows), w.cols(), out);
-    else K_.dequant_q4(block, int(r % kQuantRows), w.cols(), out);
+    else if (w.format == Format::Q4) K_.dequant_q4(block, int(r % kQuantRows), w.cols(), out);
+    else K_.dequant_q6(block, int(r % kQuantRows), w.cols(), out);
   }
 
   void* host_data(const Tensor& t) override { return t.data; }
@@ -214,7 +216,7 @@ class CpuBackend final : public Backend {
       switch (table.format) {
         case Format::F32: std::memcpy(o, table.data.row<float>(id), size_t(table.cols()) * 4); break;
         case Format::BF16: K_.bf16_to_f32(table.data.row<uint16_t>(id), o, table.cols()); break;
-        case Format::Q8: case Format::Q4: dequant_row(table, id, o); break;
+        case Format::Q8: case Format::Q4: case Format::Q6: dequant_row(table, id, o); break;
       }
     }
   }
@@ -295,7 +297,7 @@ class CpuBackend final : public Backend {
     else gemm_widened(out, x, weight, b, accumulate);
   }
 
-  // Q8 / Q4, any number of rows: each input row quantized to int8 once, then integer dot products, the weights
+  // Q8 / Q4 / Q6, any number of rows: each input row quantized to int8 once, then integer dot products, the weights
   // streamed once for all rows (a one-row pass is the same arithmetic as one row of a prompt).
   void matmul_quantized(const Tensor& out, const Tensor& x, const Weight& weight, const float* b, bool accumulate) {
     const int64_t T = x.rows, k = weight.cols(), groups = quant_groups(k);
@@ -313,8 +315,8 @@ class CpuBackend final : public Backend {
       if (weight.format == Format::Q8)
         K_.gemm_q8(W, groups, qx_.data(), sx_.data(), T, out.ptr<float>(), out.ld, b, accumulate, r0, r1);
       else
-        K_.gemm_q4(W, groups, qx_.data(), sx_.data(), xsum_.data(), T, out.ptr<float>(), out.ld, b, accumulate, r0,
-                   r1);
+        (weight.format == Format::Q4 ? K_.gemm_q4 : K_.gemm_q6)(W, groups, qx_.data(), sx_.data(), xsum_.data(), T,
+                                                                 out.ptr<float>(), out.ld, b, accumulate, r0, r1);
     });
   }
  public:

@@ -34,26 +34,30 @@ struct CpuKernels {
   void (*attend)(const float* q, int64_t ldq, int64_t rows, const float* K, const float* V, int64_t first_len,
                  int64_t head_dim, float scale, float* scores, float* out, int64_t ldo);
 
-  // Quantized weights (tensor.h's Q8 / Q4 blocks of 4 rows; `groups` groups per row). Matmuls quantize each input
-  // row once, symmetric int8 per group of 32 (sx[g] its step, xsum[g] = sx[g] * the sum of its levels), and take
-  // integer dot products with the weights' levels; each group's sum is scaled in float32. A row's result is the same
-  // whatever T is. qx, sx, xsum hold T rows (strides groups * 32, groups, groups); y is (T, ldy); r0 is a multiple
-  // of 4 rows.
-  // At load: row `lane` of the block at `block` from k floats (Q8 symmetric, d = max|x| / 127; Q4's d and m per group
-  // minimise the squared error over a few candidate steps, each refined by least squares). False when a scale does
-  // not fit float16.
+  // Quantized weights (tensor.h's Q8 / Q4 / Q6 blocks of 4 rows; `groups` groups per row). Matmuls quantize each
+  // input row once, symmetric int8 per group of 32 (sx[g] its step, xsum[g] = sx[g] * the sum of its levels), and
+  // take integer dot products with the weights' levels; each group's sum is scaled in float32. A row's result is
+  // the same whatever T is. qx, sx, xsum hold T rows (strides groups * 32, groups, groups); y is (T, ldy); r0 is a
+  // multiple of 4 rows.
+  // At load: row `lane` of the block at `block` from k floats (Q8 symmetric, d = max|x| / 127; Q4's and Q6's d and
+  // m per group minimise the squared error over a few candidate steps, each refined by least squares, then the
+  // 8-bit codes of the row's D and M on either side of them that minimise it). False when a value is not finite or
+  // a Q8 scale does not fit float16.
   bool (*quantize_row)(Format f, const float* x, int64_t k, uint8_t* block, int lane);
   void (*quantize_x)(const float* x, int64_t k, int8_t* qx, float* sx, float* xsum);
   void (*gemm_q8)(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, int64_t T, float* y,
                   int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
   void (*gemm_q4)(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, const float* xsum, int64_t T,
                   float* y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
+  void (*gemm_q6)(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, const float* xsum, int64_t T,
+                  float* y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
   // Row `lane` of the block at `block` as k floats (batched passes widen tiles of rows with these; the embedding
   // lookup too).
   void (*dequant_q8)(const uint8_t* block, int lane, int64_t k, float* out);
   void (*dequant_q4)(const uint8_t* block, int lane, int64_t k, float* out);
-  // Quantized runs of up to this many rows take gemm_q8/gemm_q4; longer ones go as float32 tiles through sgemm
-  // where that is faster (without VNNI).
+  void (*dequant_q6)(const uint8_t* block, int lane, int64_t k, float* out);
+  // Quantized runs of up to this many rows take the integer matmuls above; longer ones go as float32 tiles through
+  // sgemm where that is faster (without VNNI).
   int64_t quant_dot_rows;
 
   // Batched matmul with bf16 inputs and float32 accumulation (AVX512-BF16; nullptr elsewhere).

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/kernels.h"
 #include "tensor.h"
@@ -490,10 +491,13 @@ static bool quantize_q8_group(const float* v, uint8_t* scale, int8_t* out) {
   return true;
 }
 
-// Levels of v for step candidates around range / 15, each refined by least squares (the best step d and offset m
-// for its levels); the candidate with the smallest squared error wins. The error comes from the sums alone:
+// The step d and offset m of a group of 32 values for levels 0..kTop: levels for step candidates around
+// range / kTop, each refined by least squares (the best d and m for its levels); the candidate with the smallest
+// squared error wins. The error comes from the sums alone:
 // sum (d l + m - v)^2 = d^2 Sll + 2 d m Sl + n m^2 - 2 d Slv - 2 m Sv + Svv.
-static bool quantize_q4_group(const float* v, uint8_t* d_out, uint8_t* m_out, uint8_t* out) {
+template <int kTop>
+static void fit_group(const float* v, float* d_out, float* m_out) {
+  constexpr float top_level = float(kTop);
   alignas(32) float lo[8], hi[8], sv[8] = {}, svv[8] = {};
 #if defined(__AVX2__)
   {
@@ -529,11 +533,11 @@ static bool quantize_q4_group(const float* v, uint8_t* d_out, uint8_t* m_out, ui
   float best_d = 0.0f, best_m = mn, best_err = 3.4e38f;
   if (mx > mn) {
     const float inv_range = 1.0f / (mx - mn);
-    for (float levels : {15.0f, 14.5f, 15.5f, 14.0f}) {
+    for (float levels : {top_level, top_level - 0.5f, top_level + 0.5f, top_level - 1.0f}) {
       const float iscale = levels * inv_range;
       alignas(32) float sl[8] = {}, sll[8] = {}, slv[8] = {};
 #if defined(__AVX2__)  // the same sums, explicitly vectorised (the compiler leaves this loop scalar)
-      const __m256 is = _mm256_set1_ps(iscale), lo_v = _mm256_set1_ps(mn), top = _mm256_set1_ps(15.0f);
+      const __m256 is = _mm256_set1_ps(iscale), lo_v = _mm256_set1_ps(mn), top = _mm256_set1_ps(top_level);
       __m256 al = _mm256_setzero_ps(), all = al, alv = al;
       for (int b = 0; b < kG; b += 8) {
         const __m256 x = _mm256_loadu_ps(v + b);
@@ -551,7 +555,7 @@ static bool quantize_q4_group(const float* v, uint8_t* d_out, uint8_t* m_out, ui
         for (int j = 0; j < 8; ++j) {
           float q = round_even(iscale * (v[b + j] - mn));
           q = q < 0.0f ? 0.0f : q;
-          q = q > 15.0f ? 15.0f : q;
+          q = q > top_level ? top_level : q;
           sl[j] += q;
           sll[j] += q * q;
           slv[j] += q * v[b + j];
@@ -570,46 +574,119 @@ static bool quantize_q4_group(const float* v, uint8_t* d_out, uint8_t* m_out, ui
       }
     }
   }
-  // Store the float16 step and offset, then the levels nearest to each value under exactly those.
-  if (!put_f16(d_out, best_d) || !put_f16(m_out, best_m)) return false;
-  const float d = get_f16(d_out), m = get_f16(m_out), inv = d != 0.0f ? 1.0f / d : 0.0f;
+  *d_out = best_d;
+  *m_out = best_m;
+}
+
+// The levels 0..kTop of v nearest to each value under step d and offset m (d = 0: all 0), and their squared error.
+template <int kTop>
+static float group_levels(const float* v, float d, float m, float* l) {
+  const float inv = d != 0.0f ? 1.0f / d : 0.0f;
+  float err = 0.0f;
 #if defined(__AVX2__)
-  __m256i q[4];
-  for (int b = 0; b < 4; ++b) {
-    __m256 x = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + 8 * b), _mm256_set1_ps(m)),
-                                             _mm256_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q[b] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(x, _mm256_setzero_ps()), _mm256_set1_ps(15.0f)));
+  __m256 e8 = _mm256_setzero_ps();
+  for (int b = 0; b < kG; b += 8) {
+    const __m256 x = _mm256_loadu_ps(v + b);
+    __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x, _mm256_set1_ps(m)), _mm256_set1_ps(inv)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), _mm256_set1_ps(float(kTop)));
+    _mm256_storeu_ps(l + b, q);
+    const __m256 e = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(q, _mm256_set1_ps(d)), _mm256_set1_ps(m)), x);
+    e8 = _mm256_fmadd_ps(e, e, e8);
   }
-  // values i and i + 16 share byte i: (q[0..1] | q[2..3] << 4), then 32-bit lanes down to bytes
-  const __m256i a = _mm256_or_si256(q[0], _mm256_slli_epi32(q[2], 4)), c = _mm256_or_si256(q[1], _mm256_slli_epi32(q[3], 4));
-  const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, c), 0xd8);  // 16 x u16 in order
-  const __m128i b8 = _mm_packus_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), b8);
+  alignas(32) float es[8];
+  _mm256_store_ps(es, e8);
+  err = sum8(es);
 #else
-  float l[kG];
   for (int i = 0; i < kG; ++i) {
     float q = round_even((v[i] - m) * inv);
     q = q < 0.0f ? 0.0f : q;
-    l[i] = q > 15.0f ? 15.0f : q;
+    l[i] = q > float(kTop) ? float(kTop) : q;
+    const float e = (l[i] * d + m) - v[i];
+    err += e * e;
   }
-  for (int i = 0; i < kG / 2; ++i) out[i] = uint8_t(int(l[i]) | (int(l[i + kG / 2]) << 4));
 #endif
-  return true;
+  return err;
 }
 
-// Row `lane` of the block at `block` (tensor.h's layout) from k floats; false when a scale overflows float16.
+// A row's levels of one group into its bytes (tensor.h): the low 4 bits two per byte (value i and i + 16 in byte i),
+// Q6's top 2 bits four per byte (value i + 8s in bits 2s, 2s + 1 of byte i, i < 8).
+static void pack_levels(Format f, const float* l, uint8_t* nibbles, uint8_t* high) {
+  int q[kG];
+  for (int i = 0; i < kG; ++i) q[i] = int(l[i]);
+  for (int i = 0; i < kG / 2; ++i) nibbles[i] = uint8_t((q[i] & 15) | ((q[i + kG / 2] & 15) << 4));
+  if (f == Format::Q6)
+    for (int i = 0; i < 8; ++i)
+      high[i] = uint8_t((q[i] >> 4) | ((q[i + 8] >> 4) << 2) | ((q[i + 16] >> 4) << 4) | ((q[i + 24] >> 4) << 6));
+}
+
+// The smallest float32 of bfloat16 precision (8 significant bits) at or above v >= 0.
+static inline float bf16_ceil(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u + 0xffffu) & 0xffff0000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// Q4 / Q6, one whole row (its codes are relative to the row's D and M): every group's best d and m, then D and M
+// from the largest, then per group the codes on either side of d / D and m / M, keeping the pair whose levels have
+// the smallest error.
+template <int kTop>
+static void quantize_coded_row(Format f, const float* x, int64_t k, uint8_t* block, int lane) {
+  const int64_t groups = quant_groups(k), gb = quant_group_bytes(f);
+  std::vector<float> dm(size_t(2 * groups));
+  float v[kG], dmax = 0.0f, mmax = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
+    for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i0 + i] : 0.0f;
+    fit_group<kTop>(v, &dm[size_t(2 * g)], &dm[size_t(2 * g + 1)]);
+    dmax = std::max(dmax, dm[size_t(2 * g)]);
+    mmax = std::max(mmax, std::fabs(dm[size_t(2 * g + 1)]));
+  }
+  // Finite inputs give finite D and M: |m| and d are at most a few times the largest |value|.
+  const float D = bf16_ceil(dmax / 255.0f), M = bf16_ceil(mmax / 127.0f);
+  std::memcpy(block + 4 * lane, &D, 4);
+  std::memcpy(block + 4 * (kQuantRows + lane), &M, 4);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
+    for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i0 + i] : 0.0f;
+    const float a0 = D > 0.0f ? std::floor(dm[size_t(2 * g)] / D) : 0.0f;
+    const float c0 = M > 0.0f ? std::floor(dm[size_t(2 * g + 1)] / M) : 0.0f;
+    uint8_t* p = block + quant_header_bytes(f) + g * gb;
+    float levels[kG], best_levels[kG], best = 3.4e38f;
+    for (float a : {a0, a0 + 1.0f}) {
+      a = std::min(std::max(a, 0.0f), 255.0f);
+      for (float c : {c0, c0 + 1.0f}) {
+        c = std::min(std::max(c, -127.0f), 127.0f);
+        const float err = group_levels<kTop>(v, D * a, M * c, levels);
+        if (err < best) {
+          best = err;
+          p[lane] = uint8_t(int(a));
+          p[kQuantRows + lane] = uint8_t(int8_t(int(c)));
+          std::memcpy(best_levels, levels, sizeof levels);
+        }
+      }
+    }
+    pack_levels(f, best_levels, p + 2 * kQuantRows + (kG / 2) * lane,
+                f == Format::Q6 ? p + 2 * kQuantRows + kQuantRows * (kG / 2) + 8 * lane : nullptr);
+  }
+}
+
+// Row `lane` of the block at `block` (tensor.h's layout) from k floats; false when a value does not fit the format
+// (not finite, or a Q8 scale beyond float16).
 static bool quantize_row(Format f, const float* x, int64_t k, uint8_t* block, int lane) {
-  const int64_t bb = kQuantRows * (f == Format::Q8 ? 2 + kG : 4 + kG / 2);
+  for (int64_t i = 0; i < k; ++i)  // (a NaN would pass every comparison of the scale searches unseen)
+    if (!std::isfinite(x[i])) return false;
+  if (f == Format::Q4) return quantize_coded_row<15>(f, x, k, block, lane), true;
+  if (f == Format::Q6) return quantize_coded_row<63>(f, x, k, block, lane), true;
+  const int64_t bb = quant_group_bytes(Format::Q8);
   float v[kG];
   for (int64_t g = 0; g < quant_groups(k); ++g) {
     const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
     for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i0 + i] : 0.0f;
     uint8_t* p = block + g * bb;
-    const bool ok = f == Format::Q8
-                        ? quantize_q8_group(v, p + 2 * lane, reinterpret_cast<int8_t*>(p + kQuantRows * 2 + kG * lane))
-                        : quantize_q4_group(v, p + 2 * lane, p + kQuantRows * 2 + 2 * lane,
-                                            p + kQuantRows * 4 + (kG / 2) * lane);
-    if (!ok) return false;
+    if (!quantize_q8_group(v, p + 2 * lane, reinterpret_cast<int8_t*>(p + kQuantRows * 2 + kG * lane))) return false;
   }
   return true;
 }
@@ -628,17 +705,28 @@ static void dequant_q8(const uint8_t* block, int lane, int64_t k, float* out) {
   }
 }
 
-static void dequant_q4(const uint8_t* block, int lane, int64_t k, float* out) {
-  constexpr int64_t bb = kQuantRows * (4 + kG / 2);
+// Q4 / Q6 (kBits): level e of a row's group from its nibbles and (Q6) its top bits.
+template <int kBits>
+static inline int coded_level(const uint8_t* nibbles, const uint8_t* high, int e) {
+  const int low = e < kG / 2 ? (nibbles[e] & 15) : (nibbles[e - kG / 2] >> 4);
+  if constexpr (kBits == 4) return low;
+  return low | (((high[e & 7] >> (2 * (e >> 3))) & 3) << 4);
+}
+
+template <int kBits>
+static void dequant_coded(const uint8_t* block, int lane, int64_t k, float* out) {
+  constexpr Format f = kBits == 4 ? Format::Q4 : Format::Q6;
+  constexpr int64_t bb = quant_group_bytes(f);
+  float D, M;
+  std::memcpy(&D, block + 4 * lane, 4);
+  std::memcpy(&M, block + 4 * (kQuantRows + lane), 4);
   for (int64_t g = 0; g < quant_groups(k); ++g) {
-    const uint8_t* p = block + g * bb;
-    uint16_t hd, hm;
-    std::memcpy(&hd, p + 2 * lane, 2);
-    std::memcpy(&hm, p + kQuantRows * 2 + 2 * lane, 2);
-    const float d = h2f(hd), m = h2f(hm);
-    const uint8_t* q = p + kQuantRows * 4 + (kG / 2) * lane;
+    const uint8_t* p = block + quant_header_bytes(f) + g * bb;
+    const float d = D * float(p[lane]), m = M * float(int8_t(p[kQuantRows + lane]));  // both exact
+    const uint8_t* nib = p + kQuantRows * 2 + (kG / 2) * lane;
+    const uint8_t* high = kBits == 6 ? p + kQuantRows * 2 + kQuantRows * (kG / 2) + 8 * lane : nullptr;
     const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
-    for (int64_t i = 0; i < n; ++i) out[i0 + i] = d * float(i < kG / 2 ? (q[i] & 15) : (q[i - kG / 2] >> 4)) + m;
+    for (int64_t i = 0; i < n; ++i) out[i0 + i] = d * float(coded_level<kBits>(nib, high, int(i))) + m;
   }
 }
 
@@ -762,17 +850,29 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
   });
 }
 
-// Q4: the same with levels 0..15, plus the offsets: m_r,g * (sum of input t over the group).
-static void gemm_q4(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, const float* xsum, int64_t T,
-                    float* y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
-  constexpr int64_t bb = kQuantRows * (4 + kG / 2);
+// Q4 / Q6 (kBits): the same with levels 0..15 / 0..63, plus the offsets: m_r,g * (sum of input t over the group).
+// A group's d and m are its codes times the row's D and M, which multiply the sums of the codes' products once at
+// the end (an explicit fma: left to contraction, the rounding could differ between the instantiations for 1..4
+// inputs).
+template <int kBits>
+static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, const float* xsum,
+                       int64_t T, float* y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+  constexpr Format f = kBits == 4 ? Format::Q4 : Format::Q6;
+  constexpr int64_t bb = quant_group_bytes(f), head = quant_header_bytes(f);
+  constexpr int64_t high_at = kQuantRows * (2 + kG / 2);  // Q6: the rows' top bits, 8 bytes each
   quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, auto n,
                                                                float (*sums)[kQuantRows]) {
     constexpr int nt = decltype(n)::value;
-    const uint8_t* base = W + b * groups * bb;
+    const uint8_t* base = W + b * (head + groups * bb);
+    float D[kQuantRows], M[kQuantRows];
+    std::memcpy(D, base, sizeof D);
+    std::memcpy(M, base + sizeof D, sizeof M);
+    base += head;
 #if defined(__AVX512VNNI__)
-    // Levels 0..15 are unsigned, x's signed: VPDPBUSD as it is. One register holds the group's 4 rows (16 bytes each,
-    // 128-bit lane j row j): low nibbles against x's first 16 levels, high nibbles against the next 16.
+    // Levels are unsigned, x's signed: VPDPBUSD as it is. One register holds the group's 4 rows (16 bytes each,
+    // 128-bit lane j row j): low nibbles against x's first 16 levels, high nibbles against the next 16; Q6 puts
+    // each level's top 2 bits above its nibble (a row's 8 bytes of them in both halves of its lane, shifted
+    // so that each 64-bit half brings the bits of its 8 levels to the bottom of each byte).
     const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
     const __m512i four_rows = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc[kQuantInputs];
@@ -780,32 +880,43 @@ static void gemm_q4(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
     for (int i = 0; i < kQuantInputs; ++i) acc[i] = _mm512_setzero_ps(), macc[i] = _mm_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
-      const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-      const __m128 m = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+      const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+      const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(codes));
+      const __m128 c = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_epi64(codes, 32)));
       _mm_prefetch(reinterpret_cast<const char*>(p + 16 * bb), _MM_HINT_T0);
-      const __m512 d4 = _mm512_permutexvar_ps(four_rows, _mm512_castps128_ps512(d));
-      const __m512i q = _mm512_loadu_si512(p + 16);
-      const __m512i lo = _mm512_and_si512(q, low), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+      const __m512 a4 = _mm512_permutexvar_ps(four_rows, _mm512_castps128_ps512(a));
+      const __m512i q = _mm512_loadu_si512(p + 8);
+      __m512i lo = _mm512_and_si512(q, low), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+      if constexpr (kBits == 6) {
+        const __m512i h = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0),
+                                                   _mm512_castsi256_si512(_mm256_loadu_si256(
+                                                       reinterpret_cast<const __m256i*>(p + high_at))));
+        const __m512i three = _mm512_set1_epi8(3);
+        const __m512i hl = _mm512_srlv_epi64(h, _mm512_set_epi64(2, 0, 2, 0, 2, 0, 2, 0));
+        const __m512i hh = _mm512_srlv_epi64(h, _mm512_set_epi64(6, 4, 6, 4, 6, 4, 6, 4));
+        lo = _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(hl, three), 4));
+        hi = _mm512_or_si512(hi, _mm512_slli_epi16(_mm512_and_si512(hh, three), 4));
+      }
       for (int i = 0; i < nt; ++i) {
         const int8_t* x = qx + (t + i) * groups * kG + g * kG;
         const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
         const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16)));
         const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xl), hi, xh);
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d4, _mm512_set1_ps(sx[(t + i) * groups + g])),
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(a4, _mm512_set1_ps(sx[(t + i) * groups + g])),
                                  acc[i]);
-        macc[i] = _mm_fmadd_ps(m, _mm_set1_ps(xsum[(t + i) * groups + g]), macc[i]);
+        macc[i] = _mm_fmadd_ps(c, _mm_set1_ps(xsum[(t + i) * groups + g]), macc[i]);
       }
     }
     for (int i = 0; i < nt; ++i) {
       alignas(16) float mm[kQuantRows];
       _mm_store_ps(mm, macc[i]);
-      alignas(64) float a[16];
-      _mm512_store_ps(a, acc[i]);
+      alignas(64) float s[16];
+      _mm512_store_ps(s, acc[i]);
       for (int j = 0; j < kQuantRows; ++j)
-        sums[i][j] = ((a[4 * j] + a[4 * j + 1]) + (a[4 * j + 2] + a[4 * j + 3])) + mm[j];
+        sums[i][j] = std::fma(D[j], (s[4 * j] + s[4 * j + 1]) + (s[4 * j + 2] + s[4 * j + 3]), M[j] * mm[j]);
     }
 #elif defined(__AVX2__)
-    // Levels 0..15 are unsigned, x's signed: VPMADDUBSW as it is.
+    // Levels are unsigned, x's signed: VPMADDUBSW as it is (pairs of products fit int16: 2 x 63 x 127).
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
     __m256 acc[kQuantInputs][kQuantRows];
     __m128 macc[kQuantInputs];
@@ -814,18 +925,25 @@ static void gemm_q4(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
       for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
-      const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-      const __m128 m = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+      const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+      const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(codes));
+      const __m128 c = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_epi64(codes, 32)));
       __m256i wv[kQuantRows];
       for (int j = 0; j < kQuantRows; ++j) {
-        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 + 16 * j));
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 + 16 * j));
         wv[j] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
+        if constexpr (kBits == 6) {  // 64-bit part s of the register: levels 8s..8s+7, whose top bits are at 2s
+          long long h;
+          std::memcpy(&h, p + high_at + 8 * j, 8);
+          const __m256i hb = _mm256_srlv_epi64(_mm256_set1_epi64x(h), _mm256_set_epi64x(6, 4, 2, 0));
+          wv[j] = _mm256_or_si256(wv[j], _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(3)), 4));
+        }
       }
       for (int i = 0; i < nt; ++i) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + (t + i) * groups * kG + g * kG));
         alignas(16) float sc[kQuantRows];
-        _mm_store_ps(sc, _mm_mul_ps(d, _mm_set1_ps(sx[(t + i) * groups + g])));
-        macc[i] = _mm_fmadd_ps(m, _mm_set1_ps(xsum[(t + i) * groups + g]), macc[i]);
+        _mm_store_ps(sc, _mm_mul_ps(a, _mm_set1_ps(sx[(t + i) * groups + g])));
+        macc[i] = _mm_fmadd_ps(c, _mm_set1_ps(xsum[(t + i) * groups + g]), macc[i]);
         for (int j = 0; j < kQuantRows; ++j) {
           const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv[j], xv), ones));
           acc[i][j] = _mm256_fmadd_ps(sum, _mm256_set1_ps(sc[j]), acc[i][j]);
@@ -835,23 +953,25 @@ static void gemm_q4(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
     for (int i = 0; i < nt; ++i) {
       alignas(16) float mm[kQuantRows];
       _mm_store_ps(mm, macc[i]);
-      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = hsum256(acc[i][j]) + mm[j];
+      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = std::fma(D[j], hsum256(acc[i][j]), M[j] * mm[j]);
     }
 #else
-    for (int i = 0; i < nt; ++i)
+    for (int i = 0; i < nt; ++i) {
+      float sd[kQuantRows] = {}, sm[kQuantRows] = {};
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* p = base + g * bb;
         const int8_t* x = qx + (t + i) * groups * kG + g * kG;
         for (int j = 0; j < kQuantRows; ++j) {
-          uint16_t hd, hm;
-          std::memcpy(&hd, p + 2 * j, 2);
-          std::memcpy(&hm, p + kQuantRows * 2 + 2 * j, 2);
-          const uint8_t* q = p + kQuantRows * 4 + (kG / 2) * j;
+          const uint8_t* q = p + kQuantRows * 2 + (kG / 2) * j;
+          const uint8_t* high = kBits == 6 ? p + high_at + 8 * j : nullptr;
           int32_t dot = 0;
-          for (int e = 0; e < kG / 2; ++e) dot += int32_t(q[e] & 15) * x[e] + int32_t(q[e] >> 4) * x[e + kG / 2];
-          sums[i][j] += float(dot) * (h2f(hd) * sx[(t + i) * groups + g]) + h2f(hm) * xsum[(t + i) * groups + g];
+          for (int e = 0; e < kG; ++e) dot += int32_t(coded_level<kBits>(q, high, e)) * x[e];
+          sd[j] += float(dot) * (float(p[j]) * sx[(t + i) * groups + g]);
+          sm[j] += float(int8_t(p[kQuantRows + j])) * xsum[(t + i) * groups + g];
         }
       }
+      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = std::fma(D[j], sd[j], M[j] * sm[j]);
+    }
 #endif
   });
 }
@@ -867,8 +987,8 @@ constexpr int64_t kQuantDotRows = 96;
 #endif
 
 static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, prepare_x_bf16, gemv_bf16, bf16_to_f32, rmsnorm_row,
-                                    silu_mul_row, attend, quantize_row, quantize_x, gemm_q8, gemm_q4, dequant_q8,
-                                    dequant_q4, kQuantDotRows,
+                                    silu_mul_row, attend, quantize_row, quantize_x, gemm_q8, gemm_coded<4>,
+                                    gemm_coded<6>, dequant_q8, dequant_coded<4>, dequant_coded<6>, kQuantDotRows,
                                     nullptr, nullptr};
 
 }  // namespace QWEN_KERNELS_NS

@@ -156,7 +156,7 @@ class CudaBackend final : public Backend {
   Weight alloc_weight(Format f, int64_t rows, int64_t cols) override {
     if (!is_quantized(f)) return Backend::alloc_weight(f, rows, cols);
     check(rows > 0 && cols > 0, "alloc_weight of an empty matrix");
-    const int64_t bytes = format_bytes(f, rows, cols), row_bytes = quant_groups(cols) * quant_block_bytes(f);
+    const int64_t bytes = format_bytes(f, rows, cols), row_bytes = quant_block_bytes(f, cols);
     void* p = mem_.alloc(size_t(bytes), "a quantized weight");
     // Zeros: the padding rows of the last block are defined, and so are rows not uploaded yet when upload_weight
     // patches a block shared by two calls.
@@ -214,8 +214,9 @@ class CudaBackend final : public Backend {
               k, row.data());
       if (!cpu_kernels().quantize_row(dst.format, row.data(), k, &blocks[size_t((r / kQuantRows - b0) * bb)],
                                       int(r % kQuantRows)))
-        throw std::invalid_argument(std::string("a weight is too large for ") + format_name(dst.format) +
-                                    " (its float16 scale would overflow); load this model in bfloat16");
+        throw std::invalid_argument(std::string("a weight has a value that ") + format_name(dst.format) +
+                                    " cannot hold (NaN, inf, or a float16 scale that would overflow); load this "
+                                    "model in bfloat16");
     };
     auto copy = [&](int64_t b, int64_t n, bool to_device) {
       void* dev = dst.data.row<uint8_t>(b);

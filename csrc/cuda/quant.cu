@@ -1,9 +1,9 @@
-// Quantized weights (tensor.h's Q8 and Q4: groups of 32 values of 4 rows, float16 scales) on the device, in the
-// host's layout byte for byte.
+// Quantized weights (tensor.h's Q8 and Q4: groups of 32 values of 4 rows; Q8 with float16 steps, Q4 with 8-bit
+// codes of each row's float32 step and offset) on the device, in the host's layout byte for byte.
 //
 //   one token    y = W · x with bf16 x: each lane takes whole groups of a block of 4 rows (all of the group's bytes,
-//                read once, with 16-byte (Q4) or 8-byte (Q8) loads), widens the levels in registers and keeps four
-//                f32 sums; per group, sum_j x_j q_j is scaled by d (Q4: plus m · sum_j x_j). Each block of rows
+//                read once, with 8-byte loads), widens the levels in registers and keeps four f32 sums; per
+//                group, sum_j x_j q_j is scaled by d (Q4: plus m · sum_j x_j). Each block of rows
 //                belongs to 1, 2, 4 or 8 warps of one CUDA block, as in the bf16 GEMV (gemv.cu).
 //   dequantize   rows of W to bf16 (a tile that cuBLAS then multiplies) or f32 (the embedding lookup of token
 //                ids from StepParams), 8 values a thread.
@@ -22,14 +22,36 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kG = int(kQuantGroup);
 static_assert(kQuantGroup == 32 && kQuantRows == 4, "the kernels below are written for groups of 32 and 4 rows");
 
-// tensor.h's layout of one group of 4 rows: scales (Q8: d0..d3; Q4: d0..d3, m0..m3), then each row's levels.
+// tensor.h's layout of a block of 4 rows: a header (Q4: D0..D3, M0..M3 as float32), then groups of 4 rows: scales
+// (Q8: d0..d3 as float16; Q4: codes a0..a3 as uint8, c0..c3 as int8), then each row's levels.
 template <Format F> struct Layout;
 template <> struct Layout<Format::Q8> {
-  static constexpr int kScales = 8, kLevels = 32, kBlock = kScales + 4 * kLevels;  // 136: 8-byte aligned groups
+  static constexpr int kHeader = 0, kScales = 8, kLevels = 32, kBlock = kScales + 4 * kLevels;  // 136
 };
 template <> struct Layout<Format::Q4> {
-  static constexpr int kScales = 16, kLevels = 16, kBlock = kScales + 4 * kLevels;  // 80: 16-byte aligned groups
+  static constexpr int kHeader = 32, kScales = 8, kLevels = 16, kBlock = kScales + 4 * kLevels;  // 72
 };
+template <> struct Layout<Format::Q6> {  // the low 4 bits as Q4, then each row's 8 bytes of top 2 bits
+  static constexpr int kHeader = 32, kScales = 8, kLevels = 16, kHigh = kScales + 4 * kLevels, kBlock = kHigh + 4 * 8;
+};
+static_assert(Layout<Format::Q8>::kBlock == quant_group_bytes(Format::Q8) &&
+              Layout<Format::Q4>::kBlock == quant_group_bytes(Format::Q4) &&
+              Layout<Format::Q6>::kBlock == quant_group_bytes(Format::Q6) &&
+              Layout<Format::Q4>::kHeader == quant_header_bytes(Format::Q4) &&
+              Layout<Format::Q6>::kHeader == quant_header_bytes(Format::Q6), "tensor.h's layout");
+
+// The start of block b (of 4 rows) and of its groups.
+template <Format F>
+__device__ __forceinline__ const uint8_t* block_at(const uint8_t* W, int64_t b, int groups) {
+  return W + b * (Layout<F>::kHeader + int64_t(groups) * Layout<F>::kBlock);
+}
+// Q4 / Q6: d = D * a and m = M * c of row r of a block, from its header and a group's codes.
+__device__ __forceinline__ float q4_step(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r) {
+  return __ldg(reinterpret_cast<const float*>(block) + r) * float(p[r]);
+}
+__device__ __forceinline__ float q4_offset(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r) {
+  return __ldg(reinterpret_cast<const float*>(block) + 4 + r) * float(int8_t(p[4 + r]));
+}
 
 __device__ __forceinline__ float f16(unsigned short bits) { return __half2float(__ushort_as_half(bits)); }
 __device__ __forceinline__ float f16_lo(uint32_t two) { return f16((unsigned short)(two & 0xffffu)); }
@@ -62,6 +84,20 @@ __device__ __forceinline__ void q4_levels(uint32_t w, float lo[4], float hi[4]) 
   hi[3] = byte_value<3>(h, 8388608.0f);
 }
 
+// Q6: four levels of 6 bits from a word of their low nibbles (as q4_levels) and words whose bytes hold their top
+// 2 bits at the bottom (tl for the low nibbles' levels, th for the high ones').
+__device__ __forceinline__ void q6_levels(uint32_t w, uint32_t tl, uint32_t th, float lo[4], float hi[4]) {
+  const uint32_t l = (w & 0x0F0F0F0Fu) | ((tl & 0x03030303u) << 4), h = ((w >> 4) & 0x0F0F0F0Fu) | ((th & 0x03030303u) << 4);
+  lo[0] = byte_value<0>(l, 8388608.0f);
+  lo[1] = byte_value<1>(l, 8388608.0f);
+  lo[2] = byte_value<2>(l, 8388608.0f);
+  lo[3] = byte_value<3>(l, 8388608.0f);
+  hi[0] = byte_value<0>(h, 8388608.0f);
+  hi[1] = byte_value<1>(h, 8388608.0f);
+  hi[2] = byte_value<2>(h, 8388608.0f);
+  hi[3] = byte_value<3>(h, 8388608.0f);
+}
+
 // x[i0 .. i0 + 31] as floats, zero past k (the last group's padding). x is 16-byte aligned.
 __device__ __forceinline__ void load_x32(const bf16* __restrict__ x, int i0, int k, float v[32]) {
   if (i0 + kG <= k) {
@@ -84,9 +120,9 @@ __device__ __forceinline__ void load_x32(const bf16* __restrict__ x, int i0, int
   }
 }
 
-// acc[r] += row r of the group at p · v, for the 4 rows of its block.
-__device__ __forceinline__ void group_dot(const uint8_t* __restrict__ p, const float v[32], float acc[4],
-                                          Layout<Format::Q8>) {
+// acc[r] += row r of the group at p · v, for the 4 rows of its block (which starts at `block`).
+__device__ __forceinline__ void group_dot(const uint8_t* __restrict__, const uint8_t* __restrict__ p,
+                                          const float v[32], float acc[4], Layout<Format::Q8>) {
   using L = Layout<Format::Q8>;
   const uint2 s = __ldg(reinterpret_cast<const uint2*>(p));
   uint2 w[4][4];
@@ -111,21 +147,20 @@ __device__ __forceinline__ void group_dot(const uint8_t* __restrict__ p, const f
   }
 }
 
-__device__ __forceinline__ void group_dot(const uint8_t* __restrict__ p, const float v[32], float acc[4],
-                                          Layout<Format::Q4>) {
+__device__ __forceinline__ void group_dot(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p,
+                                          const float v[32], float acc[4], Layout<Format::Q4>) {
   using L = Layout<Format::Q4>;
-  const uint4 s = __ldg(reinterpret_cast<const uint4*>(p));
-  uint4 w[4];
+  uint2 w[4][2];  // 8-byte loads: a group is 72 bytes, so its levels are 8-byte aligned only
 #pragma unroll
-  for (int r = 0; r < 4; ++r) w[r] = __ldg(reinterpret_cast<const uint4*>(p + L::kScales + L::kLevels * r));
-  const float d[4] = {f16_lo(s.x), f16_hi(s.x), f16_lo(s.y), f16_hi(s.y)};
-  const float m[4] = {f16_lo(s.z), f16_hi(s.z), f16_lo(s.w), f16_hi(s.w)};
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) w[r][c] = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + c);
   float xs = 0.0f;  // sum_j (d q_j + m) x_j = d sum_j q_j x_j + m sum_j x_j
 #pragma unroll
   for (int j = 0; j < kG; ++j) xs += v[j];
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-    const uint32_t words[4] = {w[r].x, w[r].y, w[r].z, w[r].w};
+    const uint32_t words[4] = {w[r][0].x, w[r][0].y, w[r][1].x, w[r][1].y};
     float sum = 0.0f, lo[4], hi[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -136,7 +171,41 @@ __device__ __forceinline__ void group_dot(const uint8_t* __restrict__ p, const f
         sum = fmaf(hi[i], v[16 + 4 * c + i], sum);
       }
     }
-    acc[r] = fmaf(d[r], sum, fmaf(m[r], xs, acc[r]));
+    acc[r] = fmaf(q4_step(block, p, r), sum, fmaf(q4_offset(block, p, r), xs, acc[r]));
+  }
+}
+
+// Word c of a row's nibbles holds levels 4c..4c+3 and 16+4c..16+4c+3; the top bits of level j + 8s are bits 2s of
+// byte j (j < 8) of the row's 8 bytes t: byte 4(c & 1) + i of t, shifted right by 2(c >> 1) (low levels) or
+// 4 + 2(c >> 1) (high ones).
+__device__ __forceinline__ void group_dot(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p,
+                                          const float v[32], float acc[4], Layout<Format::Q6>) {
+  using L = Layout<Format::Q6>;
+  uint2 w[4][2], t[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) w[r][c] = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + c);
+    t[r] = __ldg(reinterpret_cast<const uint2*>(p + L::kHigh) + r);
+  }
+  float xs = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kG; ++j) xs += v[j];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const uint32_t words[4] = {w[r][0].x, w[r][0].y, w[r][1].x, w[r][1].y};
+    float sum = 0.0f, lo[4], hi[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const uint32_t top = (c & 1) ? t[r].y : t[r].x;
+      q6_levels(words[c], top >> (2 * (c >> 1)), top >> (4 + 2 * (c >> 1)), lo, hi);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sum = fmaf(lo[i], v[4 * c + i], sum);
+        sum = fmaf(hi[i], v[16 + 4 * c + i], sum);
+      }
+    }
+    acc[r] = fmaf(q4_step(block, p, r), sum, fmaf(q4_offset(block, p, r), xs, acc[r]));
   }
 }
 
@@ -165,11 +234,11 @@ __global__ void __launch_bounds__(kThreads) qgemv_kernel(const uint8_t* __restri
   const int part = warp % wpb;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (block * 4 < n) {  // uniform per warp
-    const uint8_t* row = W + int64_t(block) * groups * L::kBlock;
+    const uint8_t* start = block_at<F>(W, block, groups);
     for (int g = part * 32 + lane; g < groups; g += wpb * 32) {
       float v[kG];
       load_x32(x, g * kG, k, v);
-      group_dot(row + int64_t(g) * L::kBlock, v, acc, L{});
+      group_dot(start, start + L::kHeader + int64_t(g) * L::kBlock, v, acc, L{});
     }
   }
   float y = warp_sum4(acc);
@@ -195,8 +264,9 @@ __global__ void __launch_bounds__(kThreads) qgemv_kernel(const uint8_t* __restri
   }
 }
 
-// Values 8c .. 8c + 7 of row r of the group at p.
-__device__ __forceinline__ void values8(const uint8_t* __restrict__ p, int r, int c, float v[8], Layout<Format::Q8>) {
+// Values 8c .. 8c + 7 of row r of the group at p (of the block at `block`).
+__device__ __forceinline__ void values8(const uint8_t* __restrict__, const uint8_t* __restrict__ p, int r, int c,
+                                        float v[8], Layout<Format::Q8>) {
   using L = Layout<Format::Q8>;
   const float d = f16(reinterpret_cast<const unsigned short*>(p)[r]);
   const uint2 w = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + c);
@@ -206,10 +276,10 @@ __device__ __forceinline__ void values8(const uint8_t* __restrict__ p, int r, in
   for (int i = 0; i < 8; ++i) v[i] *= d;
 }
 
-__device__ __forceinline__ void values8(const uint8_t* __restrict__ p, int r, int c, float v[8], Layout<Format::Q4>) {
+__device__ __forceinline__ void values8(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r, int c,
+                                        float v[8], Layout<Format::Q4>) {
   using L = Layout<Format::Q4>;
-  const unsigned short* s = reinterpret_cast<const unsigned short*>(p);
-  const float d = f16(s[r]), m = f16(s[4 + r]);
+  const float d = q4_step(block, p, r), m = q4_offset(block, p, r);  // d * level is exact: one rounding, as on the CPU
   // values 0..15 are the low nibbles of bytes 0..15, values 16..31 the high ones
   const uint2 w = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + (c & 1));
   float lo[4], hi[4];
@@ -217,6 +287,25 @@ __device__ __forceinline__ void values8(const uint8_t* __restrict__ p, int r, in
 #pragma unroll
   for (int i = 0; i < 4; ++i) v[i] = c < 2 ? lo[i] : hi[i];
   q4_levels(w.y, lo, hi);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[4 + i] = c < 2 ? lo[i] : hi[i];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = fmaf(d, v[i], m);
+}
+
+// Values 8c .. 8c + 7: the low nibbles of bytes 8c.. (c < 2) or the high ones of bytes 8(c - 2).., and the top
+// bits of value j + 8c at bits 2c of byte j of the row's 8 bytes.
+__device__ __forceinline__ void values8(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r, int c,
+                                        float v[8], Layout<Format::Q6>) {
+  using L = Layout<Format::Q6>;
+  const float d = q4_step(block, p, r), m = q4_offset(block, p, r);
+  const uint2 w = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + (c & 1));
+  const uint2 t = __ldg(reinterpret_cast<const uint2*>(p + L::kHigh) + r);
+  float lo[4], hi[4];
+  q6_levels(w.x, t.x >> (2 * c), t.x >> (2 * c), lo, hi);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = c < 2 ? lo[i] : hi[i];
+  q6_levels(w.y, t.y >> (2 * c), t.y >> (2 * c), lo, hi);
 #pragma unroll
   for (int i = 0; i < 4; ++i) v[4 + i] = c < 2 ? lo[i] : hi[i];
 #pragma unroll
@@ -237,7 +326,8 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ W, int groups, int k,
   if (i0 >= k) return;
   const int64_t src = ids ? int64_t(step_rows(ids)[t].id) : row0 + t;
   float v[8];
-  values8(W + ((src >> 2) * groups + g) * L::kBlock, int(src & 3), c, v, L{});
+  const uint8_t* start = block_at<F>(W, src >> 2, groups);
+  values8(start, start + L::kHeader + int64_t(g) * L::kBlock, int(src & 3), c, v, L{});
   const int n = min(8, k - i0);
   if (OUT_F32) {
     float* o = static_cast<float*>(out) + t * ldo + i0;
@@ -296,6 +386,7 @@ void launch_qgemv(Format f, const uint8_t* W, const bf16* x, int64_t k, int64_t 
     throw std::invalid_argument("qgemv: x and W must be 16-byte aligned, 0 < k < 2^30, 0 < n < 2^31");
   if (f == Format::Q8) launch_qgemv_f<Format::Q8>(W, x, k, n, out, out_f32, accumulate, bias, wpb, stream);
   else if (f == Format::Q4) launch_qgemv_f<Format::Q4>(W, x, k, n, out, out_f32, accumulate, bias, wpb, stream);
+  else if (f == Format::Q6) launch_qgemv_f<Format::Q6>(W, x, k, n, out, out_f32, accumulate, bias, wpb, stream);
   else throw std::invalid_argument("qgemv: not a quantized format");
 }
 
@@ -304,6 +395,7 @@ void launch_dequant(Format f, const uint8_t* W, int64_t k, int64_t row0, int64_t
   const int64_t groups = quant_groups(k);
   if (f == Format::Q8) launch_dequant_f<Format::Q8>(W, groups, k, row0, rows, out, out_f32, ldo, ids, stream);
   else if (f == Format::Q4) launch_dequant_f<Format::Q4>(W, groups, k, row0, rows, out, out_f32, ldo, ids, stream);
+  else if (f == Format::Q6) launch_dequant_f<Format::Q6>(W, groups, k, row0, rows, out, out_f32, ldo, ids, stream);
   else throw std::invalid_argument("dequant: not a quantized format");
 }
 

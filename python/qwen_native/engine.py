@@ -39,16 +39,16 @@ __all__ = ["Model", "GenerationResult", "GenerationStream", "GenerationOptions",
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 DEFAULT_MAX_BATCH = 16  # the most sequences at once (KV cache slots) that load() picks by itself
-_STORED_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32, "int4": 20 / 32}  # per weight, with scales
+_STORED_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32, "int4": 18 / 32}  # per weight, with scales
 
 Prompt = Union[str, Sequence[Message]]
 PathLike = Union[str, "os.PathLike[str]"]
 
 _DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
-# Quantized dtypes keep the tensors that quantization hurts most one step wider: the embedding (and the lm_head,
-# often the same matrix) in int8 when the rest is int4, as llama.cpp's _M mixes keep theirs wider.
-_WIDER = {"int4": [("model.embed_tokens.weight", "int8"), ("lm_head.weight", "int8")]}
+# Quantized dtypes keep the tensors that quantization hurts most wider: the embedding (and the lm_head, often the
+# same matrix) in int6 when the rest is int4, as llama.cpp's Q4 files keep theirs in Q6_K.
+_WIDER = {"int4": [("model.embed_tokens.weight", "int6"), ("lm_head.weight", "int6")]}
 
 
 @dataclass
@@ -468,8 +468,9 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
     `dtype` None picks: on the CPU the checkpoint's own dtype when it is bfloat16 (weights stay bf16, sums in
     float32; prompt matmuls take bf16-rounded inputs where the CPU has AVX512-BF16), else float32; on CUDA
     bfloat16. "float32" is float32 throughout. "int8" and "int4" quantize the weights at load, in groups of
-    32 with float16 scales (8.5 and 5 bits per weight; with int4 the embedding and lm_head stay int8); activations
-    stay float32. `max_context` is the KV cache size of a sequence in tokens (None or 0:
+    32 (int8: float16 steps, 8.5 bits per weight; int4: a step and an offset per group as 8-bit codes of each
+    row's, 4.5 bits per weight, with the embedding and lm_head in 6 bits, 6.5 per weight); activations stay
+    float32. `max_context` is the KV cache size of a sequence in tokens (None or 0:
     min(max_position_embeddings, 4096)); `max_batch` how many sequences run at once, each with its own KV cache
     (None: sized by :func:`default_max_batch`); `num_threads` the CPU threads (None or 0: all this process may
     use). `local_files_only` (default: HF_HUB_OFFLINE) never touches the network."""
