@@ -3,7 +3,7 @@ transformers modeling code's math (not from our C++). Rotary angles are float32 
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
@@ -26,6 +26,12 @@ def _rotate_half(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
+def bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to float32, then to bfloat16 (nearest even), as float64."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32).astype(np.float64)
+
+
 def quantize_inputs(x: np.ndarray) -> np.ndarray:
     """What the quantized matmuls multiply instead of x (float32 rows): each group of 32 rounded to int8 levels of
     step max|x| / 127 (nearest even), times that step."""
@@ -40,17 +46,26 @@ def quantize_inputs(x: np.ndarray) -> np.ndarray:
 
 
 def reference_logits(weights: Dict[str, np.ndarray], cfg: dict, ids: Sequence[int], quantized: Sequence[str] = (),
-                     quantized_rows: Sequence[int] = ()) -> np.ndarray:
+                     quantized_rows: Union[Sequence[int], Dict[str, Sequence[int]]] = (),
+                     bf16_rows: Optional[Dict[str, Sequence[int]]] = None) -> np.ndarray:
     """Logits (T, vocab) in float64 for token ids at positions 0..T-1. The inputs of the matmuls with the weights
-    named in `quantized` are rounded by quantize_inputs in the rows `quantized_rows`."""
+    named in `quantized` are rounded by quantize_inputs in the rows `quantized_rows` (the same for every name, or
+    per name); the matmuls named in `bf16_rows` take inputs and weights rounded to bfloat16 in those rows."""
     W = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
-    qrows = np.asarray(sorted(quantized_rows), dtype=np.int64)
+
+    def rows(spec, name: str) -> np.ndarray:
+        r = spec.get(name, ()) if isinstance(spec, dict) else spec
+        return np.asarray(sorted(r), dtype=np.int64)
 
     def mm(h: np.ndarray, name: str) -> np.ndarray:
-        if name in quantized and qrows.size:
-            h = h.copy()
-            h[qrows] = quantize_inputs(h[qrows].astype(np.float32)).astype(np.float64)
-        return h @ W[name].T
+        out = h @ W[name].T
+        qrows = rows(quantized_rows, name) if name in quantized else rows((), name)
+        brows = rows(bf16_rows or {}, name)
+        if qrows.size:
+            out[qrows] = quantize_inputs(h[qrows].astype(np.float32)).astype(np.float64) @ W[name].T
+        if brows.size:
+            out[brows] = bf16(h[brows]) @ bf16(W[name]).T
+        return out
     T = len(ids)
     nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg)
     eps = cfg["rms_norm_eps"]

@@ -14,7 +14,7 @@ import pytest
 from fixtures import core_config, make_config, random_weights, write_checkpoint
 from qwen_native import _core
 from qwen_native.checkpoint import tensor_table
-from reference import quantize_inputs, reference_logits, rel_err
+from reference import bf16, quantize_inputs, reference_logits, rel_err
 
 G, R = 32, 4  # values per group, rows per block
 IDS = [3, 17, 256, 42, 9, 120, 255, 1, 77, 5, 64, 299]
@@ -22,35 +22,37 @@ NEXT = [11, 200, 7, 150, 33, 90]
 
 
 def coded_parts(q: np.ndarray, fmt: str, n: int, k: int):
-    """The int4 / int6 formats' parts per row, read from the layout tensor.h documents: D and M (n, 1) float32, the
-    codes a (uint8) and c (int8) per group (n, groups), the levels (n, groups, 32)."""
+    """The int4 / int6 formats' parts per row, read from the layout tensor.h documents: D (n, 1) as float32, the codes
+    a (uint8) and (int4) c (int8) per group (n, groups), the levels (n, groups, 32)."""
     groups = -(-k // G)
-    high = 8 if fmt == "int6" else 0  # a row's bytes of top bits per group
+    codes, high = (2, 0) if fmt == "int4" else (1, 8)  # a row's bytes of codes and of top bits per group
     blocks = q.reshape(q.shape[0], -1)
-    head = blocks[:, :8 * R].copy().view(np.float32)  # (blocks, 8): D0..D3, M0..M3
-    body = blocks[:, 8 * R:].reshape(-1, groups, R * (2 + G // 2 + high))
-    D = head[:, :R].reshape(-1, 1)[:n]
-    M = head[:, R:].reshape(-1, 1)[:n]
+    D = blocks[:, :2 * R].copy().view(np.uint16).astype(np.uint32) << 16  # bfloat16 D0..D3
+    D = D.view(np.float32).reshape(-1, 1)[:n]
+    body = blocks[:, 2 * R:].reshape(-1, groups, R * (codes + G // 2 + high))
     a = body[:, :, :R].transpose(0, 2, 1).reshape(-1, groups)[:n]
-    c = body[:, :, R:2 * R].view(np.int8).transpose(0, 2, 1).reshape(-1, groups)[:n]
-    nib = body[:, :, 2 * R:2 * R + R * G // 2].reshape(-1, groups, R, G // 2).transpose(0, 2, 1, 3)
+    c = body[:, :, R:2 * R].view(np.int8).transpose(0, 2, 1).reshape(-1, groups)[:n] if codes == 2 else None
+    at = codes * R
+    nib = body[:, :, at:at + R * G // 2].reshape(-1, groups, R, G // 2).transpose(0, 2, 1, 3)
     nib = nib.reshape(-1, groups, G // 2)[:n].astype(np.int32)
     levels = np.concatenate([nib & 15, nib >> 4], axis=-1)
     if high:
-        h = body[:, :, 2 * R + R * G // 2:].reshape(-1, groups, R, 8).transpose(0, 2, 1, 3)
+        h = body[:, :, at + R * G // 2:].reshape(-1, groups, R, 8).transpose(0, 2, 1, 3)
         h = h.reshape(-1, groups, 8)[:n].astype(np.int32)
         top = np.concatenate([(h >> (2 * s)) & 3 for s in range(4)], axis=-1)  # value j + 8s: bits 2s of byte j
         levels = levels | (top << 4)
-    return D, M, a, c, levels
+    return D, a, c, levels
 
 
 def decode(q: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
     """The values a block of bytes stands for, read from the layout tensor.h documents."""
     groups = -(-k // G)
     if fmt in ("int4", "int6"):
-        D, M, a, c, levels = coded_parts(q, fmt, n, k)
+        D, a, c, levels = coded_parts(q, fmt, n, k)
         d = (D * a.astype(np.float32))[..., None]  # exact: D has 8 significant bits, a 8
-        m = (M * c.astype(np.float32))[..., None]
+        if fmt == "int6":  # symmetric: d (q - 32), exact
+            return (d * (levels.astype(np.float32) - 32)).reshape(n, -1)[:, :k]
+        m = -d * c.astype(np.float32)[..., None] / 8  # exact
         return (d * levels.astype(np.float32) + m).reshape(n, -1)[:, :k]
     blocks = q.reshape(-1, groups, R * (2 + G))
     out = np.zeros((blocks.shape[0] * R, groups * G), np.float32)
@@ -88,36 +90,40 @@ def test_int8_bytes_are_the_format(n, k):
                   + 1e-7)
 
 
-@pytest.mark.parametrize("fmt, top", [("int4", 15), ("int6", 63)])
+@pytest.mark.parametrize("fmt", ["int4", "int6"])
 @pytest.mark.parametrize("n, k", SHAPES)
-def test_coded_bytes_decode_and_beat_min_max_rounding(n, k, fmt, top):
-    """int4 / int6 bytes decode (here, from the documented layout) to what the core dequantizes; each row's D and M
-    have bfloat16 precision and its codes their ranges, so every value is one float32 rounding of exact terms; and
-    the chosen codes reconstruct each row at least as well as plain min/max rounding with float32 steps and offsets
-    would (the error-minimising search wins more than the 8-bit codes cost), clearly better overall."""
+def test_coded_bytes_decode_and_beat_plain_rounding(n, k, fmt):
+    """int4 / int6 bytes decode (here, from the documented layout) to what the core dequantizes, every value one
+    float32 rounding of exact terms; the levels are in range; and the chosen codes reconstruct each row at least as
+    well as plain rounding with float32 steps would (int4: min/max; int6: the largest |value| onto -32..31): the
+    error-minimising search wins more than the 8-bit codes cost (for int4 clearly, overall)."""
     rng = np.random.default_rng(n * 1000 + k)
     w = (rng.standard_normal((n, k)) * 0.05 + rng.standard_normal((n, 1)) * 0.01).astype(np.float32)
     q = _core._quantize(w, fmt)
-    bits = 4 if fmt == "int4" else 6  # + 2 bytes of codes a group, + 8 bytes a row
-    assert q.nbytes == -(-n // R) * (8 * R + -(-k // G) * R * (2 + G * bits // 8))
+    group_bytes = 18 if fmt == "int4" else 25  # a row's: codes and levels, 4.5 / 6.25 bits a weight
+    assert q.nbytes == -(-n // R) * R * (2 + -(-k // G) * group_bytes)  # + a bfloat16 D a row
     got = decode(q, fmt, n, k)
     np.testing.assert_array_equal(_core._dequantize(q, fmt, n, k), got)
-    D, M, a, c, levels = coded_parts(q, fmt, n, k)
-    assert np.all(D.view(np.uint32) & 0xFFFF == 0) and np.all(M.view(np.uint32) & 0xFFFF == 0)
-    assert np.all(c >= -127) and np.all(levels <= top)
+    D, a, c, levels = coded_parts(q, fmt, n, k)
+    assert np.all(levels <= (15 if fmt == "int4" else 63))
     pad = -k % G
     wg = np.concatenate([w, np.zeros((n, pad), np.float32)], axis=1).reshape(n, -1, G)
     gg = np.concatenate([got, np.zeros((n, pad), np.float32)], axis=1).reshape(n, -1, G)
-    mn, mx = wg.min(-1, keepdims=True), wg.max(-1, keepdims=True)
-    d = np.where(mx > mn, (mx - mn) / top, 1)
-    plain = np.clip(np.rint((wg - mn) / d), 0, top) * d + mn
+    if fmt == "int4":
+        mn, mx = wg.min(-1, keepdims=True), wg.max(-1, keepdims=True)
+        d = np.where(mx > mn, (mx - mn) / 15, 1)
+        plain = np.clip(np.rint((wg - mn) / d), 0, 15) * d + mn
+    else:
+        d = np.maximum(wg.max(-1, keepdims=True) / 31, -wg.min(-1, keepdims=True) / 32)
+        d = np.where(d > 0, d, 1)
+        plain = np.clip(np.rint(wg / d), -32, 31) * d
     # A last group shorter than 32 is fitted with its zero padding: compare whole groups.
     full = k // G
     err_ours = ((gg - wg) ** 2)[:, :full].sum((-1, -2))
     err_plain = ((plain - wg) ** 2)[:, :full].sum((-1, -2))
-    assert np.all(err_ours <= err_plain * 1.02 + 1e-8)
-    if n * full >= 8:  # and clearly better overall, where there are enough groups to say
-        assert err_ours.sum() < 0.9 * err_plain.sum()
+    assert np.all(err_ours <= err_plain * 1.02 + 1e-12)
+    if n * full >= 8:  # and better overall, where there are enough groups to say
+        assert err_ours.sum() < (0.9 if fmt == "int4" else 1.0) * err_plain.sum()
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "int6"])
@@ -222,20 +228,50 @@ def test_quantize_inputs_reference_is_what_the_kernels_do():
         assert np.abs(got - x.astype(np.float64) @ wq.T).max() > 1e-4
 
 
-def test_long_runs_take_float32_tiles_or_integers(tmp_path):
-    """A run longer than the kernel set's integer limit (96 rows without VNNI) multiplies unrounded inputs by the
-    dequantized weights (compute-bound prompts go through sgemm); with VNNI it stays on integer dot products of
-    rounded inputs. The lm_head takes at most 32 rows at a time: its inputs are rounded."""
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int6"])
+def test_a_long_run_of_each_format(fmt):
+    """One matmul of more rows than the kernel set takes on integers (where it has a limit): tiles of dequantized
+    rows, float32 through sgemm, or bf16 (inputs and weights rounded) through the VDPBF16PS GEMM on AVX512-BF16
+    CPUs, except the last row: on integers, as that row alone; odd n and k, a bias."""
+    limit = _core.quant_dot_rows()
+    T = min(limit, 200) + 3
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((T, 301)).astype(np.float32)
+    w = rng.standard_normal((45, 301)).astype(np.float32)
+    b = rng.standard_normal(45).astype(np.float32)
+    wq = _core._dequantize(_core._quantize(w, fmt), fmt, 45, 301).astype(np.float64)
+    ref = quantize_inputs(x).astype(np.float64) @ wq.T  # integers (VNNI without BF16: at any length)
+    if T > limit and _core.isa().endswith("+bf16"):
+        ref[:-1] = bf16(x[:-1]) @ bf16(wq).T
+    elif T > limit:
+        ref[:-1] = x[:-1].astype(np.float64) @ wq.T
+    got = _core._backend_matmul(x, w, bias=b, dtype=fmt, num_threads=2)
+    assert rel_err(got, ref + b) < 1e-5
+    np.testing.assert_array_equal(got[-1:], _core._backend_matmul(x[-1:], w, bias=b, dtype=fmt, num_threads=2))
+
+
+def test_long_runs_take_tiles_or_integers(tmp_path):
+    """A run longer than the kernel set's integer limit (96 rows without VNNI, 64 with AVX512-BF16, none with VNNI
+    alone) takes tiles of dequantized rows: float32 through sgemm with unrounded inputs, or on AVX512-BF16 CPUs bf16
+    through the VDPBF16PS GEMM, inputs and weights rounded to bf16; its last row takes integers, as alone. The
+    lm_head takes at most 32 rows at a time: its inputs are rounded to int8."""
     cfg, table, w = model(tmp_path, max_position_embeddings=256)
     ids = [int(i) for i in np.random.default_rng(5).integers(0, cfg["vocab_size"], 120)]
+    T = len(ids)
     matrices = [n for n, v in w.items() if v.ndim == 2]
     wq = dequantized(w, {n: "int8" for n in matrices})
     m = _core.Model(core_config(cfg), table, dtype="int8", num_threads=2)
-    rounded = matrices if _core.quant_dot_rows() >= len(ids) else ["model.embed_tokens.weight"]
-    ref = reference_logits(wq, cfg, ids, quantized=rounded, quantized_rows=range(len(ids)))
+    long_run = _core.quant_dot_rows() < T
+    layers = [n for n in matrices if n.startswith("model.layers.")]
+    rounded = {n: range(T) if n not in layers or not long_run else [T - 1] for n in matrices}
+    bf16_rows = {n: range(T - 1) for n in layers} if long_run and _core.isa().endswith("+bf16") else {}
+    ref = reference_logits(wq, cfg, ids, quantized=matrices, quantized_rows=rounded, bf16_rows=bf16_rows)
     got = m.prefill(ids, all_logits=True)
     close(got, ref)
-    if rounded == matrices:
+    if not long_run:
         return  # integer dot products all through: compared as test_quantized_model_matches_the_reference does
     # a rounding flip in the lm_head's input moves one row only: the layers themselves agree to float32 rounding
     assert np.median([rel_err(g, r) for g, r in zip(got, ref)]) < 1e-4
+    # the last row's logits are those of the last token recomputed alone on the cached rest (a repeated prompt)
+    m.truncate(T - 1)
+    np.testing.assert_array_equal(m.prefill(ids[-1:]), got[-1])

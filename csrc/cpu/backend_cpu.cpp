@@ -39,6 +39,7 @@ constexpr int64_t kTileFloats = int64_t(2) << 20;  // per-thread f32 tile of bf1
 constexpr int64_t kRowAlign = 16;                  // rows per thread are multiples of this (cache lines of y)
 constexpr int64_t kAttnRows = 16;                  // query rows per attention work item
 constexpr int64_t kGemvRows = 32;                  // float32 / bf16 runs up to this long use the GEMV
+constexpr int64_t kQuantTileRows = 32;             // quantized rows per bf16 tile of the VDPBF16PS GEMM
 
 int64_t available_memory_bytes() {
   std::ifstream f("/proc/meminfo");
@@ -79,6 +80,7 @@ class CpuBackend final : public Backend {
 #endif
     scratch_.resize(size_t(pool_.size()));
     tiles_.resize(size_t(pool_.size()));
+    tiles16_.resize(size_t(pool_.size()));
   }
 
   ~CpuBackend() override {
@@ -98,7 +100,9 @@ class CpuBackend final : public Backend {
            "; int8/int4: integer dot products with the inputs quantized to int8, " +
            (K_.quant_dot_rows == std::numeric_limits<int64_t>::max()
                 ? std::string("any number of rows")
-                : "up to " + std::to_string(K_.quant_dot_rows) + " rows, then tiles widened to float32 + " + sgemm) +
+                : "up to " + std::to_string(K_.quant_dot_rows) + " rows, then tiles " +
+                      (K_.gemm_bf16_cols ? std::string("rounded to bf16 + the VDPBF16PS GEMM")
+                                         : "widened to float32 + " + sgemm)) +
            ")";
   }
   bool stores(Format) const override { return true; }
@@ -127,13 +131,17 @@ class CpuBackend final : public Backend {
 
   // Scratch of the matmuls is sized here, at load, never per step.
   Weight alloc_weight(Format f, int64_t rows, int64_t cols) override {
-    if (f == Format::BF16) {
-      if (size_t(cols) > xs_.size()) xs_.resize(size_t(cols));
-      if (K_.gemm_bf16_cols && panels_.empty())
-        panels_.assign(size_t(pool_.size()), std::vector<uint16_t>(size_t(gemm_bf16_panel_elems())));
-    }
-    if ((f == Format::BF16 && !K_.gemm_bf16_cols) || is_quantized(f))  // batched passes widen tiles of rows
+    if (f == Format::BF16 && size_t(cols) > xs_.size()) xs_.resize(size_t(cols));
+    const bool narrow = f == Format::BF16 || is_quantized(f);
+    if (narrow && K_.gemm_bf16_cols && panels_.empty())
+      panels_.assign(size_t(pool_.size()), std::vector<uint16_t>(size_t(gemm_bf16_panel_elems())));
+    if (narrow && !K_.gemm_bf16_cols)  // batched passes widen tiles of rows to float32
       for (auto& t : tiles_) t.resize(std::max(t.size(), size_t(kTileFloats)));
+    if (is_quantized(f) && K_.gemm_bf16_cols)  // long quantized runs: a row widened, then bf16 tiles of rows
+      for (size_t i = 0; i < tiles_.size(); ++i) {
+        tiles_[i].resize(std::max(tiles_[i].size(), size_t(cols)));
+        tiles16_[i].resize(std::max(tiles16_[i].size(), size_t(kQuantTileRows * (cols + (cols & 1)))));
+      }
     if (!is_quantized(f)) return Weight{alloc(format_dtype(f), rows, cols), f, rows, cols};
     const int64_t groups = quant_groups(cols);
     if (size_t(groups) > sx_.size()) {
@@ -282,7 +290,6 @@ class CpuBackend final : public Backend {
 
  private:
   void matmul_run(const Tensor& out, const Tensor& x, const Weight& weight, const Tensor* bias, bool accumulate) {
-    const Tensor& w = weight.data;
     const int64_t T = x.rows;
     const float* b = bias ? bias->ptr<float>() : nullptr;
     // Row by row: a one-row GEMV (bandwidth-bound); quantized runs on integer dot products, the weights read once,
@@ -291,6 +298,17 @@ class CpuBackend final : public Backend {
     // to float32 tiles first (Zen 3, 1.5B, 2 threads: 4 rows 682 -> 236 ms, 16 rows 1093 -> 628 ms, 32 rows 1454 ->
     // 1075 ms).
     if (per_row(weight, T)) return matmul_rows(out, x, weight, bias, accumulate);
+    // A long run's last row is computed as a one-row pass computes it: the scheduler recomputes a cached prompt's
+    // last token alone, and this way its logits are those of the prompt prefilled at once, bit for bit (the GEMMs
+    // round otherwise; quantized weights' bf16 tiles even take bf16 inputs, not int8). One more pass over the
+    // weights per run: 1-2% of a 512-token chunk.
+    gemm_run(out.slice_rows(0, T - 1), x.slice_rows(0, T - 1), weight, b, accumulate);
+    matmul_rows(out.slice_rows(T - 1, 1), x.slice_rows(T - 1, 1), weight, bias, accumulate);
+  }
+
+  void gemm_run(const Tensor& out, const Tensor& x, const Weight& weight, const float* b, bool accumulate) {
+    const Tensor& w = weight.data;
+    if (is_quantized(weight.format) && K_.gemm_bf16_cols) return gemm_quant_bf16(out, x, weight, b, accumulate);
     if (is_quantized(weight.format)) return gemm_widened(out, x, weight, b, accumulate);
     if (weight.format == Format::F32) gemm_f32(out, x, w, b, accumulate);
     else if (K_.gemm_bf16_cols) gemm_bf16(out, x, w, b, accumulate);
@@ -413,7 +431,30 @@ class CpuBackend final : public Backend {
     }, /*chunks_per_thread=*/4);
   }
 
-  // Batched with weights in a narrower format (bf16 without the bf16 GEMM, Q8, Q4): tiles of rows widened to
+  // Long quantized runs on CPUs with the bf16 GEMM: tiles of rows dequantized and rounded to bf16 (never the whole
+  // matrix), through the GEMM with the inputs rounded to bf16 once, as a bf16 model's prompt. The weights' values
+  // round to bf16 too (int8's have up to 19 significant bits): prompts of a quantized model are computed as
+  // precisely as a bf16 model's, and at its rate less the dequantizing.
+  void gemm_quant_bf16(const Tensor& out, const Tensor& x, const Weight& weight, const float* b, bool accumulate) {
+    const int64_t T = x.rows, n = weight.rows(), k = weight.cols(), k2 = k + (k & 1);
+    if (x16_.size() < size_t(T * k2)) x16_.resize(size_t(T * k2));  // batched passes only, grows once
+    for_rows(T, [&](int64_t t) { K_.round_rows_bf16(x.ptr<float>(), x.ld, t, t + 1, k, x16_.data()); });
+    pool_.parallel_for(n, kQuantTileRows, [&](int64_t r0, int64_t r1, int tid) {
+      float* row = tiles_[size_t(tid)].data();
+      uint16_t* tile = tiles16_[size_t(tid)].data();
+      for (int64_t t0 = r0; t0 < r1; t0 += kQuantTileRows) {
+        const int64_t m = std::min(kQuantTileRows, r1 - t0);
+        for (int64_t r = 0; r < m; ++r) {
+          dequant_row(weight, t0 + r, row);
+          K_.round_rows_bf16(row, k, 0, 1, k, tile + r * k2);
+        }
+        K_.gemm_bf16_cols(x16_.data(), T, k, tile, k2, out.ptr<float>() + t0, out.ld, b ? b + t0 : nullptr, accumulate,
+                          0, m, panels_[size_t(tid)].data());
+      }
+    }, /*chunks_per_thread=*/4);
+  }
+
+  // Batched with weights in a narrower format (bf16 without the bf16 GEMM, Q8, Q4, Q6): tiles of rows widened to
   // float32 (never the whole matrix) and fed to sgemm.
   void gemm_widened(const Tensor& out, const Tensor& x, const Weight& weight, const float* b, bool accumulate) {
     const int64_t T = x.rows, n = weight.rows(), k = weight.cols();
@@ -455,6 +496,7 @@ class CpuBackend final : public Backend {
   std::vector<std::vector<float>> tiles_;    // per thread: widened bf16 weight tiles
   std::vector<uint16_t> x16_;               // batched bf16 GEMM: the input rounded to bf16 (T × even k)
   std::vector<std::vector<uint16_t>> panels_;  // per thread: packed weight panel of the bf16 GEMM
+  std::vector<std::vector<uint16_t>> tiles16_;  // per thread: quantized rows as bf16 for the bf16 GEMM
   std::vector<float> xs_;                    // the decode input rearranged for the bf16 GEMV (widest bf16 matrix)
   std::vector<int8_t> qx_;                   // the decode input quantized for the Q8/Q4 GEMVs: levels,
   std::vector<float> sx_, xsum_;             // steps and sums per group (widest quantized matrix)

@@ -56,8 +56,8 @@ struct CpuKernels {
   void (*dequant_q8)(const uint8_t* block, int lane, int64_t k, float* out);
   void (*dequant_q4)(const uint8_t* block, int lane, int64_t k, float* out);
   void (*dequant_q6)(const uint8_t* block, int lane, int64_t k, float* out);
-  // Quantized runs of up to this many rows take the integer matmuls above; longer ones go as float32 tiles through
-  // sgemm where that is faster (without VNNI).
+  // Quantized runs of up to this many rows take the integer matmuls above; longer ones go as tiles of dequantized
+  // rows where that is faster: float32 through sgemm without VNNI, bf16 through the VDPBF16PS GEMM with AVX512-BF16.
   int64_t quant_dot_rows;
 
   // Batched matmul with bf16 inputs and float32 accumulation (AVX512-BF16; nullptr elsewhere).

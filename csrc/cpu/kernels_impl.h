@@ -423,6 +423,12 @@ static inline float h2f(uint16_t h) {
 
 constexpr int kG = int(kQuantGroup);
 
+static inline int load_u32(const uint8_t* p) {
+  int v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
 #if defined(__AVX2__)
 static inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -629,37 +635,81 @@ static inline float bf16_ceil(float v) {
   return v;
 }
 
-// Q4 / Q6, one whole row (its codes are relative to the row's D and M): every group's best d and m, then D and M
-// from the largest, then per group the codes on either side of d / D and m / M, keeping the pair whose levels have
-// the smallest error.
+// Q6's step d >= 0 of a group (levels q - 32 in -32..31): candidates from the extremes and a little below (clipping
+// a rare extreme can pay), each refined by least squares for its levels; the smallest squared error wins.
+static float fit_q6_group(const float* v) {
+  float mx = 0.0f, mn = 0.0f;
+  for (int i = 0; i < kG; ++i) {
+    mx = v[i] > mx ? v[i] : mx;
+    mn = v[i] < mn ? v[i] : mn;
+  }
+  const float d0 = std::max(mx / 31.0f, -mn / 32.0f);
+  float best_d = d0, best_err = 3.4e38f, l[kG];
+  if (d0 == 0.0f) return 0.0f;
+  for (float shrink : {1.0f, 0.97f, 0.94f, 0.91f}) {
+    const float d = d0 * shrink;
+    group_levels<63>(v, d, -32.0f * d, l);
+    float slv = 0.0f, sll = 0.0f;
+    for (int i = 0; i < kG; ++i) {
+      slv += (l[i] - 32.0f) * v[i];
+      sll += (l[i] - 32.0f) * (l[i] - 32.0f);
+    }
+    if (!(sll > 0.0f && slv > 0.0f)) continue;
+    const float ds = slv / sll;
+    float err = 0.0f;
+    for (int i = 0; i < kG; ++i) {
+      const float e = ds * (l[i] - 32.0f) - v[i];
+      err += e * e;
+    }
+    if (err < best_err) {
+      best_err = err;
+      best_d = ds;
+    }
+  }
+  return best_d;
+}
+
+// Q4 / Q6, one whole row (its codes are relative to the row's D): every group's best d (and Q4's m), D from the
+// largest d, then per group the codes on either side of d / D (and Q4's zero point -8 m / d), keeping those whose
+// levels have the smallest error.
 template <int kTop>
 static void quantize_coded_row(Format f, const float* x, int64_t k, uint8_t* block, int lane) {
   const int64_t groups = quant_groups(k), gb = quant_group_bytes(f);
   std::vector<float> dm(size_t(2 * groups));
-  float v[kG], dmax = 0.0f, mmax = 0.0f;
+  float v[kG], dmax = 0.0f;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
     for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i0 + i] : 0.0f;
-    fit_group<kTop>(v, &dm[size_t(2 * g)], &dm[size_t(2 * g + 1)]);
+    if (kTop == 15) fit_group<15>(v, &dm[size_t(2 * g)], &dm[size_t(2 * g + 1)]);
+    else dm[size_t(2 * g)] = fit_q6_group(v);
     dmax = std::max(dmax, dm[size_t(2 * g)]);
-    mmax = std::max(mmax, std::fabs(dm[size_t(2 * g + 1)]));
   }
-  // Finite inputs give finite D and M: |m| and d are at most a few times the largest |value|.
-  const float D = bf16_ceil(dmax / 255.0f), M = bf16_ceil(mmax / 127.0f);
-  std::memcpy(block + 4 * lane, &D, 4);
-  std::memcpy(block + 4 * (kQuantRows + lane), &M, 4);
+  const float D = bf16_ceil(dmax / 255.0f);  // finite: d is at most a few times the largest |value|
+  const uint16_t D16 = f32_to_bf16(D);       // exact
+  std::memcpy(block + 2 * lane, &D16, 2);
+  const int64_t scales = f == Format::Q4 ? 2 * kQuantRows : kQuantRows;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
     for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i0 + i] : 0.0f;
     const float a0 = D > 0.0f ? std::floor(dm[size_t(2 * g)] / D) : 0.0f;
-    const float c0 = M > 0.0f ? std::floor(dm[size_t(2 * g + 1)] / M) : 0.0f;
     uint8_t* p = block + quant_header_bytes(f) + g * gb;
     float levels[kG], best_levels[kG], best = 3.4e38f;
     for (float a : {a0, a0 + 1.0f}) {
       a = std::min(std::max(a, 0.0f), 255.0f);
+      const float d = D * a;
+      if (kTop == 63) {
+        const float err = group_levels<63>(v, d, -32.0f * d, levels);
+        if (err < best) {
+          best = err;
+          p[lane] = uint8_t(int(a));
+          std::memcpy(best_levels, levels, sizeof levels);
+        }
+        continue;
+      }
+      const float c0 = d > 0.0f ? std::floor(-8.0f * dm[size_t(2 * g + 1)] / d) : 0.0f;
       for (float c : {c0, c0 + 1.0f}) {
-        c = std::min(std::max(c, -127.0f), 127.0f);
-        const float err = group_levels<kTop>(v, D * a, M * c, levels);
+        c = std::min(std::max(c, -128.0f), 127.0f);
+        const float err = group_levels<15>(v, d, -d * c * 0.125f, levels);
         if (err < best) {
           best = err;
           p[lane] = uint8_t(int(a));
@@ -668,8 +718,8 @@ static void quantize_coded_row(Format f, const float* x, int64_t k, uint8_t* blo
         }
       }
     }
-    pack_levels(f, best_levels, p + 2 * kQuantRows + (kG / 2) * lane,
-                f == Format::Q6 ? p + 2 * kQuantRows + kQuantRows * (kG / 2) + 8 * lane : nullptr);
+    pack_levels(f, best_levels, p + scales + (kG / 2) * lane,
+                f == Format::Q6 ? p + scales + kQuantRows * (kG / 2) + 8 * lane : nullptr);
   }
 }
 
@@ -716,17 +766,44 @@ static inline int coded_level(const uint8_t* nibbles, const uint8_t* high, int e
 template <int kBits>
 static void dequant_coded(const uint8_t* block, int lane, int64_t k, float* out) {
   constexpr Format f = kBits == 4 ? Format::Q4 : Format::Q6;
-  constexpr int64_t bb = quant_group_bytes(f);
-  float D, M;
-  std::memcpy(&D, block + 4 * lane, 4);
-  std::memcpy(&M, block + 4 * (kQuantRows + lane), 4);
+  constexpr int64_t bb = quant_group_bytes(f), scales = kBits == 4 ? 2 * kQuantRows : kQuantRows;
+  uint16_t D16;
+  std::memcpy(&D16, block + 2 * lane, 2);
+  const float D = qwen::bf16_to_f32(D16);
   for (int64_t g = 0; g < quant_groups(k); ++g) {
     const uint8_t* p = block + quant_header_bytes(f) + g * bb;
-    const float d = D * float(p[lane]), m = M * float(int8_t(p[kQuantRows + lane]));  // both exact
-    const uint8_t* nib = p + kQuantRows * 2 + (kG / 2) * lane;
-    const uint8_t* high = kBits == 6 ? p + kQuantRows * 2 + kQuantRows * (kG / 2) + 8 * lane : nullptr;
+    const float d = D * float(p[lane]);  // d, d * level and m all exact
+    const float m = kBits == 4 ? -d * float(int8_t(p[kQuantRows + lane])) * 0.125f : -32.0f * d;
+    const uint8_t* nib = p + scales + (kG / 2) * lane;
+    const uint8_t* high = kBits == 6 ? p + scales + kQuantRows * (kG / 2) + 8 * lane : nullptr;
     const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
+#if defined(__AVX2__)  // long prompts dequantize every row: levels widened 16 (8) at a time, d * level + m by FMA
+    const __m128i mask = _mm_set1_epi8(15), nb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nib));
+    __m128i lo = _mm_and_si128(nb, mask), hi = _mm_and_si128(_mm_srli_epi16(nb, 4), mask);
+    if constexpr (kBits == 6) {  // top bits of value j + 8s: bits 2s of byte j
+      long long h;
+      std::memcpy(&h, high, 8);
+      const __m128i three = _mm_set1_epi8(3);
+      lo = _mm_or_si128(lo, _mm_slli_epi16(_mm_and_si128(_mm_set_epi64x(h >> 2, h), three), 4));
+      hi = _mm_or_si128(hi, _mm_slli_epi16(_mm_and_si128(_mm_set_epi64x(h >> 6, h >> 4), three), 4));
+    }
+    alignas(64) float v[kG];
+#if defined(__AVX512F__)
+    const __m512 d16 = _mm512_set1_ps(d), m16 = _mm512_set1_ps(m);
+    _mm512_store_ps(v, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d16, m16));
+    _mm512_store_ps(v + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d16, m16));
+#else
+    for (int h = 0; h < 4; ++h) {
+      const __m128i b = h < 2 ? (h ? _mm_srli_si128(lo, 8) : lo) : (h == 3 ? _mm_srli_si128(hi, 8) : hi);
+      _mm256_store_ps(v + 8 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_set1_ps(d),
+                                                 _mm256_set1_ps(m)));
+    }
+#endif
+    if (n == kG) std::memcpy(out + i0, v, sizeof v);
+    else std::memcpy(out + i0, v, size_t(n) * 4);
+#else
     for (int64_t i = 0; i < n; ++i) out[i0 + i] = d * float(coded_level<kBits>(nib, high, int(i))) + m;
+#endif
   }
 }
 
@@ -850,23 +927,28 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
   });
 }
 
-// Q4 / Q6 (kBits): the same with levels 0..15 / 0..63, plus the offsets: m_r,g * (sum of input t over the group).
-// A group's d and m are its codes times the row's D and M, which multiply the sums of the codes' products once at
-// the end (an explicit fma: left to contraction, the rounding could differ between the instantiations for 1..4
+// Q4 / Q6 (kBits): the same with levels 0..15 / 0..63, plus the offsets: m_r,g * (sum of input t over the group),
+// m = -d c / 8 (Q4) or -32 d (Q6). d = D a: the sums run over the codes, and the row's D multiplies them once at the
+// end (an explicit fma there: left to contraction, the rounding could differ between the instantiations for 1..4
 // inputs).
 template <int kBits>
 static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, const float* xsum,
                        int64_t T, float* y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
   constexpr Format f = kBits == 4 ? Format::Q4 : Format::Q6;
   constexpr int64_t bb = quant_group_bytes(f), head = quant_header_bytes(f);
-  constexpr int64_t high_at = kQuantRows * (2 + kG / 2);  // Q6: the rows' top bits, 8 bytes each
+  constexpr int64_t scales = kBits == 4 ? 2 * kQuantRows : kQuantRows;  // the codes' bytes, then the levels'
+  constexpr int64_t high_at = scales + kQuantRows * (kG / 2);              // Q6: the rows' top bits, 8 bytes each
+  constexpr float offset = kBits == 4 ? -0.125f : -32.0f;                  // m / (d c) or m / d
   quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, auto n,
                                                                float (*sums)[kQuantRows]) {
     constexpr int nt = decltype(n)::value;
     const uint8_t* base = W + b * (head + groups * bb);
-    float D[kQuantRows], M[kQuantRows];
-    std::memcpy(D, base, sizeof D);
-    std::memcpy(M, base + sizeof D, sizeof M);
+    float D[kQuantRows];
+    for (int j = 0; j < kQuantRows; ++j) {
+      uint16_t h;
+      std::memcpy(&h, base + 2 * j, 2);
+      D[j] = qwen::bf16_to_f32(h);
+    }
     base += head;
 #if defined(__AVX512VNNI__)
     // Levels are unsigned, x's signed: VPDPBUSD as it is. One register holds the group's 4 rows (16 bytes each,
@@ -880,12 +962,13 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
     for (int i = 0; i < kQuantInputs; ++i) acc[i] = _mm512_setzero_ps(), macc[i] = _mm_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
-      const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-      const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(codes));
-      const __m128 c = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_epi64(codes, 32)));
+      const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(load_u32(p))));
+      // the offsets' weights: a c (Q4) or a (Q6), exact
+      const __m128i zero_points = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(load_u32(p + 4)));  // (Q4 only)
+      const __m128 c = kBits == 4 ? _mm_mul_ps(a, _mm_cvtepi32_ps(zero_points)) : a;
       _mm_prefetch(reinterpret_cast<const char*>(p + 16 * bb), _MM_HINT_T0);
       const __m512 a4 = _mm512_permutexvar_ps(four_rows, _mm512_castps128_ps512(a));
-      const __m512i q = _mm512_loadu_si512(p + 8);
+      const __m512i q = _mm512_loadu_si512(p + scales);
       __m512i lo = _mm512_and_si512(q, low), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
       if constexpr (kBits == 6) {
         const __m512i h = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0),
@@ -913,7 +996,7 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
       alignas(64) float s[16];
       _mm512_store_ps(s, acc[i]);
       for (int j = 0; j < kQuantRows; ++j)
-        sums[i][j] = std::fma(D[j], (s[4 * j] + s[4 * j + 1]) + (s[4 * j + 2] + s[4 * j + 3]), M[j] * mm[j]);
+        sums[i][j] = D[j] * std::fma(mm[j], offset, (s[4 * j] + s[4 * j + 1]) + (s[4 * j + 2] + s[4 * j + 3]));
     }
 #elif defined(__AVX2__)
     // Levels are unsigned, x's signed: VPMADDUBSW as it is (pairs of products fit int16: 2 x 63 x 127).
@@ -925,12 +1008,13 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
       for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
-      const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-      const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(codes));
-      const __m128 c = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_epi64(codes, 32)));
+      const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(load_u32(p))));
+      // the offsets' weights: a c (Q4) or a (Q6), exact
+      const __m128i zero_points = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(load_u32(p + 4)));  // (Q4 only)
+      const __m128 c = kBits == 4 ? _mm_mul_ps(a, _mm_cvtepi32_ps(zero_points)) : a;
       __m256i wv[kQuantRows];
       for (int j = 0; j < kQuantRows; ++j) {
-        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 + 16 * j));
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + scales + 16 * j));
         wv[j] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
         if constexpr (kBits == 6) {  // 64-bit part s of the register: levels 8s..8s+7, whose top bits are at 2s
           long long h;
@@ -953,7 +1037,7 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
     for (int i = 0; i < nt; ++i) {
       alignas(16) float mm[kQuantRows];
       _mm_store_ps(mm, macc[i]);
-      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = std::fma(D[j], hsum256(acc[i][j]), M[j] * mm[j]);
+      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = D[j] * std::fma(mm[j], offset, hsum256(acc[i][j]));
     }
 #else
     for (int i = 0; i < nt; ++i) {
@@ -962,15 +1046,16 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
         const uint8_t* p = base + g * bb;
         const int8_t* x = qx + (t + i) * groups * kG + g * kG;
         for (int j = 0; j < kQuantRows; ++j) {
-          const uint8_t* q = p + kQuantRows * 2 + (kG / 2) * j;
+          const uint8_t* q = p + scales + (kG / 2) * j;
           const uint8_t* high = kBits == 6 ? p + high_at + 8 * j : nullptr;
           int32_t dot = 0;
           for (int e = 0; e < kG; ++e) dot += int32_t(coded_level<kBits>(q, high, e)) * x[e];
-          sd[j] += float(dot) * (float(p[j]) * sx[(t + i) * groups + g]);
-          sm[j] += float(int8_t(p[kQuantRows + j])) * xsum[(t + i) * groups + g];
+          const float a = float(p[j]), c = kBits == 4 ? a * float(int8_t(p[kQuantRows + j])) : a;
+          sd[j] += float(dot) * (a * sx[(t + i) * groups + g]);
+          sm[j] += c * xsum[(t + i) * groups + g];
         }
       }
-      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = std::fma(D[j], sd[j], M[j] * sm[j]);
+      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = D[j] * std::fma(sm[j], offset, sd[j]);
     }
 #endif
   });
@@ -979,7 +1064,8 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
 // Integer dot products against float32 tiles through sgemm for long quantized runs: without VNNI the integers are
 // faster up to about 96 rows (Zen 3, int4 1.5B: 29-31 tok/s at any length; widened tiles 24 tok/s at 64 rows, 32 at
 // 128, 37 at 256); with VNNI at every length (Zen 4, 1.5B, 512-token prompt: int4 98 tok/s
-// against 60 on tiles, int8 66 against 57).
+// against 60 on tiles, int8 66 against 57), unless the CPU also has AVX512-BF16 (kernels_dispatch.cpp: bf16 tiles
+// beyond 64 rows).
 #if defined(__AVX512VNNI__)
 constexpr int64_t kQuantDotRows = std::numeric_limits<int64_t>::max();
 #else

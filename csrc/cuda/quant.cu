@@ -1,9 +1,9 @@
-// Quantized weights (tensor.h's Q8 and Q4: groups of 32 values of 4 rows; Q8 with float16 steps, Q4 with 8-bit
-// codes of each row's float32 step and offset) on the device, in the host's layout byte for byte.
+// Quantized weights (tensor.h's Q8, Q4 and Q6: groups of 32 values of 4 rows; Q8 with float16 steps, Q4 and Q6
+// with 8-bit codes of each row's bfloat16 step) on the device, in the host's layout byte for byte.
 //
 //   one token    y = W · x with bf16 x: each lane takes whole groups of a block of 4 rows (all of the group's bytes,
-//                read once, with 8-byte loads), widens the levels in registers and keeps four f32 sums; per
-//                group, sum_j x_j q_j is scaled by d (Q4: plus m · sum_j x_j). Each block of rows
+//                read once, with 8-byte loads, 4-byte for Q6), widens the levels in registers and keeps four f32
+//                sums; per group, sum_j x_j q_j is scaled by d (Q4, Q6: plus m · sum_j x_j). Each block of rows
 //                belongs to 1, 2, 4 or 8 warps of one CUDA block, as in the bf16 GEMV (gemv.cu).
 //   dequantize   rows of W to bf16 (a tile that cuBLAS then multiplies) or f32 (the embedding lookup of token
 //                ids from StepParams), 8 values a thread.
@@ -22,17 +22,17 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kG = int(kQuantGroup);
 static_assert(kQuantGroup == 32 && kQuantRows == 4, "the kernels below are written for groups of 32 and 4 rows");
 
-// tensor.h's layout of a block of 4 rows: a header (Q4: D0..D3, M0..M3 as float32), then groups of 4 rows: scales
-// (Q8: d0..d3 as float16; Q4: codes a0..a3 as uint8, c0..c3 as int8), then each row's levels.
+// tensor.h's layout of a block of 4 rows: a header (Q4, Q6: D0..D3 as bfloat16), then groups of 4 rows: scales
+// (Q8: d0..d3 as float16; Q4: codes a0..a3 as uint8, c0..c3 as int8; Q6: a0..a3), then each row's levels.
 template <Format F> struct Layout;
 template <> struct Layout<Format::Q8> {
   static constexpr int kHeader = 0, kScales = 8, kLevels = 32, kBlock = kScales + 4 * kLevels;  // 136
 };
 template <> struct Layout<Format::Q4> {
-  static constexpr int kHeader = 32, kScales = 8, kLevels = 16, kBlock = kScales + 4 * kLevels;  // 72
+  static constexpr int kHeader = 8, kScales = 8, kLevels = 16, kBlock = kScales + 4 * kLevels;  // 72
 };
-template <> struct Layout<Format::Q6> {  // the low 4 bits as Q4, then each row's 8 bytes of top 2 bits
-  static constexpr int kHeader = 32, kScales = 8, kLevels = 16, kHigh = kScales + 4 * kLevels, kBlock = kHigh + 4 * 8;
+template <> struct Layout<Format::Q6> {  // the low 4 bits as Q4, then each row's 8 bytes of top 2 bits: 100
+  static constexpr int kHeader = 8, kScales = 4, kLevels = 16, kHigh = kScales + 4 * kLevels, kBlock = kHigh + 4 * 8;
 };
 static_assert(Layout<Format::Q8>::kBlock == quant_group_bytes(Format::Q8) &&
               Layout<Format::Q4>::kBlock == quant_group_bytes(Format::Q4) &&
@@ -45,12 +45,18 @@ template <Format F>
 __device__ __forceinline__ const uint8_t* block_at(const uint8_t* W, int64_t b, int groups) {
   return W + b * (Layout<F>::kHeader + int64_t(groups) * Layout<F>::kBlock);
 }
-// Q4 / Q6: d = D * a and m = M * c of row r of a block, from its header and a group's codes.
-__device__ __forceinline__ float q4_step(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r) {
-  return __ldg(reinterpret_cast<const float*>(block) + r) * float(p[r]);
+// Q4 / Q6: d = D * a of row r of a block, from its header and a group's codes (exact), and Q4's m = -d c / 8.
+__device__ __forceinline__ float coded_step(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r) {
+  const uint32_t D = uint32_t(__ldg(reinterpret_cast<const unsigned short*>(block) + r)) << 16;
+  return __uint_as_float(D) * float(p[r]);
 }
-__device__ __forceinline__ float q4_offset(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r) {
-  return __ldg(reinterpret_cast<const float*>(block) + 4 + r) * float(int8_t(p[4 + r]));
+__device__ __forceinline__ float q4_offset(float d, const uint8_t* __restrict__ p, int r) {
+  return -d * float(int8_t(p[4 + r])) * 0.125f;
+}
+// 8 bytes at a 4-byte aligned address (Q6's groups are 100 bytes long).
+__device__ __forceinline__ uint2 load8(const uint8_t* __restrict__ p) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(p);
+  return uint2{__ldg(w), __ldg(w + 1)};
 }
 
 __device__ __forceinline__ float f16(unsigned short bits) { return __half2float(__ushort_as_half(bits)); }
@@ -87,7 +93,8 @@ __device__ __forceinline__ void q4_levels(uint32_t w, float lo[4], float hi[4]) 
 // Q6: four levels of 6 bits from a word of their low nibbles (as q4_levels) and words whose bytes hold their top
 // 2 bits at the bottom (tl for the low nibbles' levels, th for the high ones').
 __device__ __forceinline__ void q6_levels(uint32_t w, uint32_t tl, uint32_t th, float lo[4], float hi[4]) {
-  const uint32_t l = (w & 0x0F0F0F0Fu) | ((tl & 0x03030303u) << 4), h = ((w >> 4) & 0x0F0F0F0Fu) | ((th & 0x03030303u) << 4);
+  const uint32_t l = (w & 0x0F0F0F0Fu) | ((tl & 0x03030303u) << 4);
+  const uint32_t h = ((w >> 4) & 0x0F0F0F0Fu) | ((th & 0x03030303u) << 4);
   lo[0] = byte_value<0>(l, 8388608.0f);
   lo[1] = byte_value<1>(l, 8388608.0f);
   lo[2] = byte_value<2>(l, 8388608.0f);
@@ -171,7 +178,8 @@ __device__ __forceinline__ void group_dot(const uint8_t* __restrict__ block, con
         sum = fmaf(hi[i], v[16 + 4 * c + i], sum);
       }
     }
-    acc[r] = fmaf(q4_step(block, p, r), sum, fmaf(q4_offset(block, p, r), xs, acc[r]));
+    const float d = coded_step(block, p, r);
+    acc[r] = fmaf(d, sum, fmaf(q4_offset(d, p, r), xs, acc[r]));
   }
 }
 
@@ -185,8 +193,8 @@ __device__ __forceinline__ void group_dot(const uint8_t* __restrict__ block, con
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
 #pragma unroll
-    for (int c = 0; c < 2; ++c) w[r][c] = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + c);
-    t[r] = __ldg(reinterpret_cast<const uint2*>(p + L::kHigh) + r);
+    for (int c = 0; c < 2; ++c) w[r][c] = load8(p + L::kScales + L::kLevels * r + 8 * c);
+    t[r] = load8(p + L::kHigh + 8 * r);
   }
   float xs = 0.0f;
 #pragma unroll
@@ -205,7 +213,8 @@ __device__ __forceinline__ void group_dot(const uint8_t* __restrict__ block, con
         sum = fmaf(hi[i], v[16 + 4 * c + i], sum);
       }
     }
-    acc[r] = fmaf(q4_step(block, p, r), sum, fmaf(q4_offset(block, p, r), xs, acc[r]));
+    const float d = coded_step(block, p, r);  // m = -32 d
+    acc[r] = fmaf(d, sum, fmaf(-32.0f * d, xs, acc[r]));
   }
 }
 
@@ -279,7 +288,7 @@ __device__ __forceinline__ void values8(const uint8_t* __restrict__, const uint8
 __device__ __forceinline__ void values8(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r, int c,
                                         float v[8], Layout<Format::Q4>) {
   using L = Layout<Format::Q4>;
-  const float d = q4_step(block, p, r), m = q4_offset(block, p, r);  // d * level is exact: one rounding, as on the CPU
+  const float d = coded_step(block, p, r), m = q4_offset(d, p, r);  // d * level is exact: one rounding, as on the CPU
   // values 0..15 are the low nibbles of bytes 0..15, values 16..31 the high ones
   const uint2 w = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + (c & 1));
   float lo[4], hi[4];
@@ -298,9 +307,9 @@ __device__ __forceinline__ void values8(const uint8_t* __restrict__ block, const
 __device__ __forceinline__ void values8(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r, int c,
                                         float v[8], Layout<Format::Q6>) {
   using L = Layout<Format::Q6>;
-  const float d = q4_step(block, p, r), m = q4_offset(block, p, r);
-  const uint2 w = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + (c & 1));
-  const uint2 t = __ldg(reinterpret_cast<const uint2*>(p + L::kHigh) + r);
+  const float d = coded_step(block, p, r);
+  const uint2 w = load8(p + L::kScales + L::kLevels * r + 8 * (c & 1));
+  const uint2 t = load8(p + L::kHigh + 8 * r);
   float lo[4], hi[4];
   q6_levels(w.x, t.x >> (2 * c), t.x >> (2 * c), lo, hi);
 #pragma unroll
@@ -309,7 +318,7 @@ __device__ __forceinline__ void values8(const uint8_t* __restrict__ block, const
 #pragma unroll
   for (int i = 0; i < 4; ++i) v[4 + i] = c < 2 ? lo[i] : hi[i];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = fmaf(d, v[i], m);
+  for (int i = 0; i < 8; ++i) v[i] = d * (v[i] - 32.0f);  // exact
 }
 
 // out row t (of `rows`) = row (ids ? the id of row t : row0 + t) of W, as f32 or bf16; one thread per 8 values.
