@@ -476,6 +476,15 @@ static inline float get_f16(const uint8_t* p) {
   return h2f(h);
 }
 
+// A group of n <= 32 values, zero-padded to 32.
+static inline void fill_group(const float* x, int64_t n, float* v) {
+  if (n == kG) {
+    std::memcpy(v, x, kG * sizeof(float));
+    return;
+  }
+  for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i] : 0.0f;
+}
+
 static bool quantize_q8_group(const float* v, uint8_t* scale, int8_t* out) {
   float am[8] = {};
   for (int b = 0; b < kG; b += 8)
@@ -497,81 +506,109 @@ static bool quantize_q8_group(const float* v, uint8_t* scale, int8_t* out) {
   return true;
 }
 
-// The step d and offset m of a group of 32 values for levels 0..kTop: levels for step candidates around
-// range / kTop, each refined by least squares (the best d and m for its levels); the candidate with the smallest
-// squared error wins. The error comes from the sums alone:
+// The step d and offset m of a group of 32 values for Q4's levels 0..15: levels for step candidates around
+// range / 15, each refined by least squares (the best d and m for its levels); the candidate with the smallest
+// squared error wins (the first of equals). The error comes from the sums alone:
 // sum (d l + m - v)^2 = d^2 Sll + 2 d m Sl + n m^2 - 2 d Slv - 2 m Sv + Svv.
-template <int kTop>
-static void fit_group(const float* v, float* d_out, float* m_out) {
-  constexpr float top_level = float(kTop);
-  alignas(32) float lo[8], hi[8], sv[8] = {}, svv[8] = {};
+static void fit_q4_group(const float* v, float* d_out, float* m_out) {
+  constexpr float kLevels[4] = {15.0f, 14.5f, 15.5f, 14.0f}, n = float(kG);
 #if defined(__AVX2__)
-  {
-    __m256 l8 = _mm256_loadu_ps(v), h8 = l8, s8 = _mm256_setzero_ps(), ss8 = s8;
-    for (int b = 0; b < kG; b += 8) {
-      const __m256 x = _mm256_loadu_ps(v + b);
-      l8 = _mm256_min_ps(l8, x);
-      h8 = _mm256_max_ps(h8, x);
-      s8 = _mm256_add_ps(s8, x);
-      ss8 = _mm256_fmadd_ps(x, x, ss8);
-    }
-    _mm256_store_ps(lo, l8);
-    _mm256_store_ps(hi, h8);
-    _mm256_store_ps(sv, s8);
-    _mm256_store_ps(svv, ss8);
+  // All in registers: the group (4 vectors), the 4 candidates' 12 sums reduced together, their fits side by side.
+  __m256 x[4];
+  for (int b = 0; b < 4; ++b) x[b] = _mm256_loadu_ps(v + 8 * b);
+  __m256 lo = _mm256_min_ps(_mm256_min_ps(x[0], x[1]), _mm256_min_ps(x[2], x[3]));
+  __m256 hi = _mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3]));
+  lo = _mm256_min_ps(lo, _mm256_permute2f128_ps(lo, lo, 1));
+  hi = _mm256_max_ps(hi, _mm256_permute2f128_ps(hi, hi, 1));
+  lo = _mm256_min_ps(lo, _mm256_shuffle_ps(lo, lo, 0x4e));
+  hi = _mm256_max_ps(hi, _mm256_shuffle_ps(hi, hi, 0x4e));
+  lo = _mm256_min_ps(lo, _mm256_shuffle_ps(lo, lo, 0xb1));
+  hi = _mm256_max_ps(hi, _mm256_shuffle_ps(hi, hi, 0xb1));
+  const float mn = _mm256_cvtss_f32(lo), mx = _mm256_cvtss_f32(hi);
+  if (!(mx > mn)) {
+    *d_out = 0.0f;
+    *m_out = mn;
+    return;
   }
-#else
-  for (int j = 0; j < 8; ++j) lo[j] = hi[j] = v[j];
-  for (int b = 0; b < kG; b += 8)
-    for (int j = 0; j < 8; ++j) {
-      lo[j] = v[b + j] < lo[j] ? v[b + j] : lo[j];
-      hi[j] = v[b + j] > hi[j] ? v[b + j] : hi[j];
-      sv[j] += v[b + j];
-      svv[j] += v[b + j] * v[b + j];
+  const __m256 sv = _mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3]));
+  __m256 svv = _mm256_mul_ps(x[0], x[0]);
+  for (int b = 1; b < 4; ++b) svv = _mm256_fmadd_ps(x[b], x[b], svv);
+  __m256 sums[16];  // Sl of the 4 candidates, Sll, Slv, then Sv, Svv (and 2 zeros)
+  const float inv_range = 1.0f / (mx - mn);
+  for (int c = 0; c < 4; ++c) {
+    const __m256 is = _mm256_set1_ps(kLevels[c] * inv_range), lo_v = _mm256_set1_ps(mn);
+    __m256 al = _mm256_setzero_ps(), all = al, alv = al;
+    for (int b = 0; b < 4; ++b) {
+      __m256 q = _mm256_round_ps(_mm256_mul_ps(is, _mm256_sub_ps(x[b], lo_v)),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), _mm256_set1_ps(15.0f));
+      al = _mm256_add_ps(al, q);
+      all = _mm256_fmadd_ps(q, q, all);
+      alv = _mm256_fmadd_ps(q, x[b], alv);
     }
-#endif
-  float mn = lo[0], mx = hi[0];
-  for (int j = 1; j < 8; ++j) {
-    mn = lo[j] < mn ? lo[j] : mn;
-    mx = hi[j] > mx ? hi[j] : mx;
+    sums[c] = al;
+    sums[4 + c] = all;
+    sums[8 + c] = alv;
   }
-  const float Sv = sum8(sv), Svv = sum8(svv), n = float(kG);
+  sums[12] = sv;
+  sums[13] = svv;
+  sums[14] = sums[15] = _mm256_setzero_ps();
+  // Eight vectors' totals into one vector's lanes: pairwise horizontal adds, then the two 128-bit halves.
+  auto totals = [](const __m256* a) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  };
+  const __m256 t0 = totals(sums), t1 = totals(sums + 8);
+  const __m128 Sl = _mm256_castps256_ps128(t0), Sll = _mm256_extractf128_ps(t0, 1), Slv = _mm256_castps256_ps128(t1);
+  alignas(16) float rest[4];
+  _mm_store_ps(rest, _mm256_extractf128_ps(t1, 1));
+  const __m128 Sv = _mm_set1_ps(rest[0]), Svv = _mm_set1_ps(rest[1]), N = _mm_set1_ps(n), two = _mm_set1_ps(2.0f);
+  const __m128 det = _mm_sub_ps(_mm_mul_ps(N, Sll), _mm_mul_ps(Sl, Sl));
+  const __m128 d = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(N, Slv), _mm_mul_ps(Sl, Sv)), det);
+  const __m128 m = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(Sll, Sv), _mm_mul_ps(Sl, Slv)), det);
+  __m128 err = _mm_add_ps(_mm_mul_ps(_mm_mul_ps(d, d), Sll), _mm_mul_ps(_mm_mul_ps(two, _mm_mul_ps(d, m)), Sl));
+  err = _mm_add_ps(err, _mm_mul_ps(N, _mm_mul_ps(m, m)));
+  err = _mm_sub_ps(err, _mm_mul_ps(two, _mm_add_ps(_mm_mul_ps(d, Slv), _mm_mul_ps(m, Sv))));
+  err = _mm_add_ps(err, Svv);
+  alignas(16) float e[4], dd[4], mm[4], dt[4];
+  _mm_store_ps(e, err);
+  _mm_store_ps(dd, d);
+  _mm_store_ps(mm, m);
+  _mm_store_ps(dt, det);
   float best_d = 0.0f, best_m = mn, best_err = 3.4e38f;
-  if (mx > mn) {
-    const float inv_range = 1.0f / (mx - mn);
-    for (float levels : {top_level, top_level - 0.5f, top_level + 0.5f, top_level - 1.0f}) {
-      const float iscale = levels * inv_range;
-      alignas(32) float sl[8] = {}, sll[8] = {}, slv[8] = {};
-#if defined(__AVX2__)  // the same sums, explicitly vectorised (the compiler leaves this loop scalar)
-      const __m256 is = _mm256_set1_ps(iscale), lo_v = _mm256_set1_ps(mn), top = _mm256_set1_ps(top_level);
-      __m256 al = _mm256_setzero_ps(), all = al, alv = al;
-      for (int b = 0; b < kG; b += 8) {
-        const __m256 x = _mm256_loadu_ps(v + b);
-        __m256 q = _mm256_round_ps(_mm256_mul_ps(is, _mm256_sub_ps(x, lo_v)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        q = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), top);
-        al = _mm256_add_ps(al, q);
-        all = _mm256_fmadd_ps(q, q, all);
-        alv = _mm256_fmadd_ps(q, x, alv);
-      }
-      _mm256_store_ps(sl, al);
-      _mm256_store_ps(sll, all);
-      _mm256_store_ps(slv, alv);
+  for (int c = 0; c < 4; ++c)
+    if (dt[c] > 0.0f && e[c] < best_err) {
+      best_err = e[c];
+      best_d = dd[c];
+      best_m = mm[c];
+    }
+  *d_out = best_d;
+  *m_out = best_m;
 #else
-      for (int b = 0; b < kG; b += 8)
-        for (int j = 0; j < 8; ++j) {
-          float q = round_even(iscale * (v[b + j] - mn));
-          q = q < 0.0f ? 0.0f : q;
-          q = q > top_level ? top_level : q;
-          sl[j] += q;
-          sll[j] += q * q;
-          slv[j] += q * v[b + j];
-        }
-#endif
-      const float Sl = sum8(sl), Sll = sum8(sll), Slv = sum8(slv);
+  float lo = v[0], hi = v[0], Sv = 0.0f, Svv = 0.0f;
+  for (int i = 0; i < kG; ++i) {
+    lo = v[i] < lo ? v[i] : lo;
+    hi = v[i] > hi ? v[i] : hi;
+    Sv += v[i];
+    Svv += v[i] * v[i];
+  }
+  float best_d = 0.0f, best_m = lo, best_err = 3.4e38f;
+  if (hi > lo) {
+    const float inv_range = 1.0f / (hi - lo);
+    for (float levels : kLevels) {
+      const float iscale = levels * inv_range;
+      float Sl = 0.0f, Sll = 0.0f, Slv = 0.0f;
+      for (int i = 0; i < kG; ++i) {
+        float q = round_even(iscale * (v[i] - lo));
+        q = q < 0.0f ? 0.0f : (q > 15.0f ? 15.0f : q);
+        Sl += q;
+        Sll += q * q;
+        Slv += q * v[i];
+      }
       const float det = n * Sll - Sl * Sl;
       if (det <= 0.0f) continue;
-      const float inv_det = 1.0f / det;
-      const float d = (n * Slv - Sl * Sv) * inv_det, m = (Sll * Sv - Sl * Slv) * inv_det;
+      const float d = (n * Slv - Sl * Sv) / det, m = (Sll * Sv - Sl * Slv) / det;
       const float err = d * d * Sll + 2 * d * m * Sl + n * m * m - 2 * d * Slv - 2 * m * Sv + Svv;
       if (err < best_err) {
         best_err = err;
@@ -582,9 +619,11 @@ static void fit_group(const float* v, float* d_out, float* m_out) {
   }
   *d_out = best_d;
   *m_out = best_m;
+#endif
 }
 
-// The levels 0..kTop of v nearest to each value under step d and offset m (d = 0: all 0), and their squared error.
+// The levels 0..kTop of v nearest to each value under step d and offset m (d = 0: all 0) into l (unless null), and
+// their squared error.
 template <int kTop>
 static float group_levels(const float* v, float d, float m, float* l) {
   const float inv = d != 0.0f ? 1.0f / d : 0.0f;
@@ -596,7 +635,7 @@ static float group_levels(const float* v, float d, float m, float* l) {
     __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(x, _mm256_set1_ps(m)), _mm256_set1_ps(inv)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()), _mm256_set1_ps(float(kTop)));
-    _mm256_storeu_ps(l + b, q);
+    if (l) _mm256_storeu_ps(l + b, q);
     const __m256 e = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(q, _mm256_set1_ps(d)), _mm256_set1_ps(m)), x);
     e8 = _mm256_fmadd_ps(e, e, e8);
   }
@@ -607,8 +646,9 @@ static float group_levels(const float* v, float d, float m, float* l) {
   for (int i = 0; i < kG; ++i) {
     float q = round_even((v[i] - m) * inv);
     q = q < 0.0f ? 0.0f : q;
-    l[i] = q > float(kTop) ? float(kTop) : q;
-    const float e = (l[i] * d + m) - v[i];
+    q = q > float(kTop) ? float(kTop) : q;
+    if (l) l[i] = q;
+    const float e = (q * d + m) - v[i];
     err += e * e;
   }
 #endif
@@ -636,7 +676,8 @@ static inline float bf16_ceil(float v) {
 }
 
 // Q6's step d >= 0 of a group (levels q - 32 in -32..31): candidates from the extremes and a little below (clipping
-// a rare extreme can pay), each refined by least squares for its levels; the smallest squared error wins.
+// a rare extreme can pay), each refined by least squares for its levels (d = Sqv / Sqq, leaving the squared error
+// Svv - Sqv^2 / Sqq); the smallest error wins.
 static float fit_q6_group(const float* v) {
   float mx = 0.0f, mn = 0.0f;
   for (int i = 0; i < kG; ++i) {
@@ -644,33 +685,45 @@ static float fit_q6_group(const float* v) {
     mn = v[i] < mn ? v[i] : mn;
   }
   const float d0 = std::max(mx / 31.0f, -mn / 32.0f);
-  float best_d = d0, best_err = 3.4e38f, l[kG];
   if (d0 == 0.0f) return 0.0f;
-  for (float shrink : {1.0f, 0.97f, 0.94f, 0.91f}) {
-    const float d = d0 * shrink;
-    group_levels<63>(v, d, -32.0f * d, l);
-    float slv = 0.0f, sll = 0.0f;
-    for (int i = 0; i < kG; ++i) {
-      slv += (l[i] - 32.0f) * v[i];
-      sll += (l[i] - 32.0f) * (l[i] - 32.0f);
+  float best_d = d0, best_gain = 0.0f;  // the largest Sqv^2 / Sqq is the smallest error
+  for (float shrink : {1.0f, 0.96f, 0.92f}) {
+    const float inv = 1.0f / (d0 * shrink);
+    float sqv = 0.0f, sqq = 0.0f;
+#if defined(__AVX2__)
+    __m256 qv8 = _mm256_setzero_ps(), qq8 = qv8;
+    for (int b = 0; b < kG; b += 8) {
+      const __m256 x = _mm256_loadu_ps(v + b);
+      __m256 q = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(-32.0f)), _mm256_set1_ps(31.0f));
+      qv8 = _mm256_fmadd_ps(q, x, qv8);
+      qq8 = _mm256_fmadd_ps(q, q, qq8);
     }
-    if (!(sll > 0.0f && slv > 0.0f)) continue;
-    const float ds = slv / sll;
-    float err = 0.0f;
+    alignas(32) float a[8], c[8];
+    _mm256_store_ps(a, qv8);
+    _mm256_store_ps(c, qq8);
+    sqv = sum8(a);
+    sqq = sum8(c);
+#else
     for (int i = 0; i < kG; ++i) {
-      const float e = ds * (l[i] - 32.0f) - v[i];
-      err += e * e;
+      float q = round_even(v[i] * inv);
+      q = q < -32.0f ? -32.0f : (q > 31.0f ? 31.0f : q);
+      sqv += q * v[i];
+      sqq += q * q;
     }
-    if (err < best_err) {
-      best_err = err;
-      best_d = ds;
+#endif
+    if (!(sqq > 0.0f && sqv > 0.0f)) continue;
+    const float gain = sqv * sqv / sqq;
+    if (gain > best_gain) {
+      best_gain = gain;
+      best_d = sqv / sqq;
     }
   }
   return best_d;
 }
 
 // Q4 / Q6, one whole row (its codes are relative to the row's D): every group's best d (and Q4's m), D from the
-// largest d, then per group the codes on either side of d / D (and Q4's zero point -8 m / d), keeping those whose
+// largest d, then per group the codes on either side of d / D (and of Q4's zero point -8 m / d), keeping those whose
 // levels have the smallest error.
 template <int kTop>
 static void quantize_coded_row(Format f, const float* x, int64_t k, uint8_t* block, int lane) {
@@ -679,8 +732,8 @@ static void quantize_coded_row(Format f, const float* x, int64_t k, uint8_t* blo
   float v[kG], dmax = 0.0f;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
-    for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i0 + i] : 0.0f;
-    if (kTop == 15) fit_group<15>(v, &dm[size_t(2 * g)], &dm[size_t(2 * g + 1)]);
+    fill_group(x + i0, n, v);
+    if (kTop == 15) fit_q4_group(v, &dm[size_t(2 * g)], &dm[size_t(2 * g + 1)]);
     else dm[size_t(2 * g)] = fit_q6_group(v);
     dmax = std::max(dmax, dm[size_t(2 * g)]);
   }
@@ -690,34 +743,34 @@ static void quantize_coded_row(Format f, const float* x, int64_t k, uint8_t* blo
   const int64_t scales = f == Format::Q4 ? 2 * kQuantRows : kQuantRows;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
-    for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i0 + i] : 0.0f;
+    fill_group(x + i0, n, v);
     const float a0 = D > 0.0f ? std::floor(dm[size_t(2 * g)] / D) : 0.0f;
     uint8_t* p = block + quant_header_bytes(f) + g * gb;
-    float levels[kG], best_levels[kG], best = 3.4e38f;
+    float best = 3.4e38f, best_d = 0.0f, best_m = 0.0f;
     for (float a : {a0, a0 + 1.0f}) {
       a = std::min(std::max(a, 0.0f), 255.0f);
       const float d = D * a;
       if (kTop == 63) {
-        const float err = group_levels<63>(v, d, -32.0f * d, levels);
+        const float err = group_levels<63>(v, d, -32.0f * d, nullptr);
         if (err < best) {
-          best = err;
+          best = err, best_d = d, best_m = -32.0f * d;
           p[lane] = uint8_t(int(a));
-          std::memcpy(best_levels, levels, sizeof levels);
         }
         continue;
       }
       const float c0 = d > 0.0f ? std::floor(-8.0f * dm[size_t(2 * g + 1)] / d) : 0.0f;
       for (float c : {c0, c0 + 1.0f}) {
         c = std::min(std::max(c, -128.0f), 127.0f);
-        const float err = group_levels<15>(v, d, -d * c * 0.125f, levels);
+        const float m = -d * c * 0.125f, err = group_levels<15>(v, d, m, nullptr);
         if (err < best) {
-          best = err;
+          best = err, best_d = d, best_m = m;
           p[lane] = uint8_t(int(a));
           p[kQuantRows + lane] = uint8_t(int8_t(int(c)));
-          std::memcpy(best_levels, levels, sizeof levels);
         }
       }
     }
+    float best_levels[kG];
+    group_levels<kTop>(v, best_d, best_m, best_levels);
     pack_levels(f, best_levels, p + scales + (kG / 2) * lane,
                 f == Format::Q6 ? p + scales + kQuantRows * (kG / 2) + 8 * lane : nullptr);
   }
@@ -726,15 +779,22 @@ static void quantize_coded_row(Format f, const float* x, int64_t k, uint8_t* blo
 // Row `lane` of the block at `block` (tensor.h's layout) from k floats; false when a value does not fit the format
 // (not finite, or a Q8 scale beyond float16).
 static bool quantize_row(Format f, const float* x, int64_t k, uint8_t* block, int lane) {
-  for (int64_t i = 0; i < k; ++i)  // (a NaN would pass every comparison of the scale searches unseen)
-    if (!std::isfinite(x[i])) return false;
+  // (A NaN would pass every comparison of the scale searches unseen.) An exponent of all ones is inf or NaN; the
+  // loop runs to the end so that it vectorises.
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    bad |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
+  }
+  if (bad) return false;
   if (f == Format::Q4) return quantize_coded_row<15>(f, x, k, block, lane), true;
   if (f == Format::Q6) return quantize_coded_row<63>(f, x, k, block, lane), true;
   const int64_t bb = quant_group_bytes(Format::Q8);
   float v[kG];
   for (int64_t g = 0; g < quant_groups(k); ++g) {
     const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
-    for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i0 + i] : 0.0f;
+    fill_group(x + i0, n, v);
     uint8_t* p = block + g * bb;
     if (!quantize_q8_group(v, p + 2 * lane, reinterpret_cast<int8_t*>(p + kQuantRows * 2 + kG * lane))) return false;
   }
