@@ -101,7 +101,7 @@ void add_testing_hooks(py::module_& m) {
           for (int64_t r = 0; r < n; ++r)
             if (!cpu_kernels().quantize_row(f, x.data() + r * k, k, out.mutable_data() + (r / kQuantRows) * row_bytes,
                                             int(r % kQuantRows)))
-              throw py::value_error("a value does not fit the format (NaN, inf, or too large for a float16 scale)");
+              throw py::value_error("a value does not fit the format (NaN, inf, |x| >= 2^125, or too large for a float16 scale)");
           return out;
         }, py::arg("x"), py::arg("format"));
   m.def("_dequantize", [](py::array_t<uint8_t, py::array::c_style | py::array::forcecast> q, const std::string& format,

@@ -127,12 +127,29 @@ def test_coded_bytes_decode_and_beat_plain_rounding(n, k, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "int6"])
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_a_value_that_is_not_finite_is_an_error(fmt, bad):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38, -2 ** 125])
+def test_a_value_that_does_not_fit_is_an_error(fmt, bad):
+    """inf and NaN, and values so large (|x| >= 2^125) that a group's range or sums could overflow float32."""
     w = np.ones((3, 40), np.float32)
     w[1, 33] = bad
     with pytest.raises(ValueError, match="does not fit"):
         _core._quantize(w, fmt)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int6"])
+def test_any_scale_quantizes_alike(fmt):
+    """A row's codes do not depend on its scale (the search runs on the row scaled by a power of two, and steps are
+    codes of a bfloat16 per row, not float16): a row times 2^100 or 2^-100 dequantizes to exactly the row's values
+    times that; rows of 1e30 or 1e-30 come within a few percent of the unit row's error (their inputs round
+    differently), never to garbage."""
+    w = np.random.default_rng(2).standard_normal((8, 96)).astype(np.float32)
+    unit = _core._dequantize(_core._quantize(w, fmt), fmt, 8, 96)
+    for e in (100, -100):
+        ws = np.ldexp(w, e).astype(np.float32)
+        np.testing.assert_array_equal(_core._dequantize(_core._quantize(ws, fmt), fmt, 8, 96), np.ldexp(unit, e))
+    for scale in (np.float32(1e30), np.float32(1e-30)):
+        ws = w * scale
+        assert rel_err(_core._dequantize(_core._quantize(ws, fmt), fmt, 8, 96), ws) < 1.1 * rel_err(unit, w)
 
 
 def test_too_large_for_a_float16_scale_is_an_error():

@@ -728,22 +728,39 @@ static float fit_q6_group(const float* v) {
 template <int kTop>
 static void quantize_coded_row(Format f, const float* x, int64_t k, uint8_t* block, int lane) {
   const int64_t groups = quant_groups(k), gb = quant_group_bytes(f);
+  // The search runs on the row scaled by a power of two to a largest |value| in [0.5, 1): exact, so the codes are
+  // those of any scale of the row, and the sums of squares can neither overflow nor underflow.
+  uint32_t top = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    top = std::max(top, u & 0x7fffffffu);
+  }
+  float amax;
+  std::memcpy(&amax, &top, 4);
+  int e = 0;
+  std::frexp(amax, &e);
+  e = std::max(e, -120);  // (a row of subnormals: scaled by at most 2^120)
+  const float scale = std::ldexp(1.0f, -e);
+  auto fill = [&](int64_t g, float* v) {
+    const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
+    fill_group(x + i0, n, v);
+    for (int i = 0; i < kG; ++i) v[i] *= scale;
+  };
   std::vector<float> dm(size_t(2 * groups));
   float v[kG], dmax = 0.0f;
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
-    fill_group(x + i0, n, v);
+    fill(g, v);
     if (kTop == 15) fit_q4_group(v, &dm[size_t(2 * g)], &dm[size_t(2 * g + 1)]);
     else dm[size_t(2 * g)] = fit_q6_group(v);
     dmax = std::max(dmax, dm[size_t(2 * g)]);
   }
-  const float D = bf16_ceil(dmax / 255.0f);  // finite: d is at most a few times the largest |value|
-  const uint16_t D16 = f32_to_bf16(D);       // exact
+  const float D = bf16_ceil(dmax / 255.0f);                  // of the scaled row: d is at most about 1
+  const uint16_t D16 = f32_to_bf16(std::ldexp(D, e));        // exact unless beyond bf16's normal range
   std::memcpy(block + 2 * lane, &D16, 2);
   const int64_t scales = f == Format::Q4 ? 2 * kQuantRows : kQuantRows;
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
-    fill_group(x + i0, n, v);
+    fill(g, v);
     const float a0 = D > 0.0f ? std::floor(dm[size_t(2 * g)] / D) : 0.0f;
     uint8_t* p = block + quant_header_bytes(f) + g * gb;
     float best = 3.4e38f, best_d = 0.0f, best_m = 0.0f;
@@ -777,15 +794,16 @@ static void quantize_coded_row(Format f, const float* x, int64_t k, uint8_t* blo
 }
 
 // Row `lane` of the block at `block` (tensor.h's layout) from k floats; false when a value does not fit the format
-// (not finite, or a Q8 scale beyond float16).
+// (not finite, |x| >= 2^125, or a Q8 scale beyond float16).
 static bool quantize_row(Format f, const float* x, int64_t k, uint8_t* block, int lane) {
-  // (A NaN would pass every comparison of the scale searches unseen.) An exponent of all ones is inf or NaN; the
-  // loop runs to the end so that it vectorises.
+  // Refused: inf and NaN (a NaN would pass every comparison of the scale searches unseen), and |x| >= 2^125, whose
+  // ranges and least-squares sums could overflow float32. One test of the exponent bits; the loop runs to the end
+  // so that it vectorises.
   uint32_t bad = 0;
   for (int64_t i = 0; i < k; ++i) {
     uint32_t u;
     std::memcpy(&u, x + i, 4);
-    bad |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
+    bad |= uint32_t((u & 0x7f800000u) >= 0x7e000000u);
   }
   if (bad) return false;
   if (f == Format::Q4) return quantize_coded_row<15>(f, x, k, block, lane), true;
