@@ -154,47 +154,21 @@ __device__ __forceinline__ void group_dot(const uint8_t* __restrict__, const uin
   }
 }
 
-__device__ __forceinline__ void group_dot(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p,
-                                          const float v[32], float acc[4], Layout<Format::Q4>) {
-  using L = Layout<Format::Q4>;
-  uint2 w[4][2];  // 8-byte loads: a group is 72 bytes, so its levels are 8-byte aligned only
-#pragma unroll
-  for (int r = 0; r < 4; ++r)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) w[r][c] = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + c);
-  float xs = 0.0f;  // sum_j (d q_j + m) x_j = d sum_j q_j x_j + m sum_j x_j
-#pragma unroll
-  for (int j = 0; j < kG; ++j) xs += v[j];
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const uint32_t words[4] = {w[r][0].x, w[r][0].y, w[r][1].x, w[r][1].y};
-    float sum = 0.0f, lo[4], hi[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      q4_levels(words[c], lo, hi);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        sum = fmaf(lo[i], v[4 * c + i], sum);
-        sum = fmaf(hi[i], v[16 + 4 * c + i], sum);
-      }
-    }
-    const float d = coded_step(block, p, r);
-    acc[r] = fmaf(d, sum, fmaf(q4_offset(d, p, r), xs, acc[r]));
-  }
-}
-
-// Word c of a row's nibbles holds levels 4c..4c+3 and 16+4c..16+4c+3; the top bits of level j + 8s are bits 2s of
-// byte j (j < 8) of the row's 8 bytes t: byte 4(c & 1) + i of t, shifted right by 2(c >> 1) (low levels) or
-// 4 + 2(c >> 1) (high ones).
-__device__ __forceinline__ void group_dot(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p,
-                                          const float v[32], float acc[4], Layout<Format::Q6>) {
-  using L = Layout<Format::Q6>;
+// Q4 and Q6: word c of a row's nibbles holds levels 4c..4c+3 and 16+4c..16+4c+3; Q6's top bits of level j + 8s are
+// bits 2s of byte j (j < 8) of the row's 8 bytes t: byte 4(c & 1) + i of t, shifted right by 2(c >> 1) (low
+// levels) or 4 + 2(c >> 1) (high ones). sum_j (d q_j + m) x_j = d sum_j q_j x_j + m sum_j x_j.
+template <Format F>
+__device__ __forceinline__ void coded_group_dot(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p,
+                                                const float v[32], float acc[4]) {
+  using L = Layout<F>;
   uint2 w[4][2], t[4];
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
 #pragma unroll
-    for (int c = 0; c < 2; ++c) w[r][c] = load8(p + L::kScales + L::kLevels * r + 8 * c);
-    t[r] = load8(p + L::kHigh + 8 * r);
+    for (int c = 0; c < 2; ++c)  // Q4's groups are 72 bytes (8-byte aligned), Q6's 100 (4-byte aligned)
+      w[r][c] = F == Format::Q4 ? __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + c)
+                                : load8(p + L::kScales + L::kLevels * r + 8 * c);
+    if constexpr (F == Format::Q6) t[r] = load8(p + L::kHigh + 8 * r);
   }
   float xs = 0.0f;
 #pragma unroll
@@ -205,17 +179,29 @@ __device__ __forceinline__ void group_dot(const uint8_t* __restrict__ block, con
     float sum = 0.0f, lo[4], hi[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const uint32_t top = (c & 1) ? t[r].y : t[r].x;
-      q6_levels(words[c], top >> (2 * (c >> 1)), top >> (4 + 2 * (c >> 1)), lo, hi);
+      if constexpr (F == Format::Q6) {
+        const uint32_t top = (c & 1) ? t[r].y : t[r].x;
+        q6_levels(words[c], top >> (2 * (c >> 1)), top >> (4 + 2 * (c >> 1)), lo, hi);
+      } else {
+        q4_levels(words[c], lo, hi);
+      }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         sum = fmaf(lo[i], v[4 * c + i], sum);
         sum = fmaf(hi[i], v[16 + 4 * c + i], sum);
       }
     }
-    const float d = coded_step(block, p, r);  // m = -32 d
-    acc[r] = fmaf(d, sum, fmaf(-32.0f * d, xs, acc[r]));
+    const float d = coded_step(block, p, r), m = F == Format::Q4 ? q4_offset(d, p, r) : -32.0f * d;
+    acc[r] = fmaf(d, sum, fmaf(m, xs, acc[r]));
   }
+}
+__device__ __forceinline__ void group_dot(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p,
+                                          const float v[32], float acc[4], Layout<Format::Q4>) {
+  coded_group_dot<Format::Q4>(block, p, v, acc);
+}
+__device__ __forceinline__ void group_dot(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p,
+                                          const float v[32], float acc[4], Layout<Format::Q6>) {
+  coded_group_dot<Format::Q6>(block, p, v, acc);
 }
 
 // The sums of acc[0..3] over the warp in 6 shuffles (20 one row at a time): halves of the warp swap the rows they
@@ -285,40 +271,35 @@ __device__ __forceinline__ void values8(const uint8_t* __restrict__, const uint8
   for (int i = 0; i < 8; ++i) v[i] *= d;
 }
 
-__device__ __forceinline__ void values8(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r, int c,
-                                        float v[8], Layout<Format::Q4>) {
-  using L = Layout<Format::Q4>;
-  const float d = coded_step(block, p, r), m = q4_offset(d, p, r);  // d * level is exact: one rounding, as on the CPU
-  // values 0..15 are the low nibbles of bytes 0..15, values 16..31 the high ones
-  const uint2 w = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + (c & 1));
+// Q4 / Q6: values 8c .. 8c + 7 are the low nibbles of bytes 8c.. (c < 2) or the high ones of bytes 8(c - 2)..;
+// Q6's top bits of value j + 8c are bits 2c of byte j of the row's 8 bytes. d * level and m are exact: one rounding
+// of their sum (none for Q6), as on the CPU.
+template <Format F>
+__device__ __forceinline__ void coded_values8(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r,
+                                              int c, float v[8]) {
+  using L = Layout<F>;
+  const float d = coded_step(block, p, r), m = F == Format::Q4 ? q4_offset(d, p, r) : -32.0f * d;
+  const uint2 w = F == Format::Q4 ? __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + (c & 1))
+                                  : load8(p + L::kScales + L::kLevels * r + 8 * (c & 1));
+  uint2 t = {0u, 0u};
+  if constexpr (F == Format::Q6) t = load8(p + L::kHigh + 8 * r);
   float lo[4], hi[4];
-  q4_levels(w.x, lo, hi);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = c < 2 ? lo[i] : hi[i];
-  q4_levels(w.y, lo, hi);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) v[4 + i] = c < 2 ? lo[i] : hi[i];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = fmaf(d, v[i], m);
-}
-
-// Values 8c .. 8c + 7: the low nibbles of bytes 8c.. (c < 2) or the high ones of bytes 8(c - 2).., and the top
-// bits of value j + 8c at bits 2c of byte j of the row's 8 bytes.
-__device__ __forceinline__ void values8(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r, int c,
-                                        float v[8], Layout<Format::Q6>) {
-  using L = Layout<Format::Q6>;
-  const float d = coded_step(block, p, r);
-  const uint2 w = load8(p + L::kScales + L::kLevels * r + 8 * (c & 1));
-  const uint2 t = load8(p + L::kHigh + 8 * r);
-  float lo[4], hi[4];
-  q6_levels(w.x, t.x >> (2 * c), t.x >> (2 * c), lo, hi);
+  q6_levels(w.x, t.x >> (2 * c), t.x >> (2 * c), lo, hi);  // (Q4: no top bits)
 #pragma unroll
   for (int i = 0; i < 4; ++i) v[i] = c < 2 ? lo[i] : hi[i];
   q6_levels(w.y, t.y >> (2 * c), t.y >> (2 * c), lo, hi);
 #pragma unroll
   for (int i = 0; i < 4; ++i) v[4 + i] = c < 2 ? lo[i] : hi[i];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = d * (v[i] - 32.0f);  // exact
+  for (int i = 0; i < 8; ++i) v[i] = fmaf(d, v[i], m);
+}
+__device__ __forceinline__ void values8(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r, int c,
+                                        float v[8], Layout<Format::Q4>) {
+  coded_values8<Format::Q4>(block, p, r, c, v);
+}
+__device__ __forceinline__ void values8(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r, int c,
+                                        float v[8], Layout<Format::Q6>) {
+  coded_values8<Format::Q6>(block, p, r, c, v);
 }
 
 // out row t (of `rows`) = row (ids ? the id of row t : row0 + t) of W, as f32 or bf16; one thread per 8 values.
