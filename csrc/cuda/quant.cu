@@ -77,21 +77,8 @@ __device__ __forceinline__ void q8_levels(uint32_t w, float q[4]) {
   q[2] = byte_value<2>(w, 8388736.0f);
   q[3] = byte_value<3>(w, 8388736.0f);
 }
-// Four bytes of Q4 levels: lo[i] = value j + i (low nibbles), hi[i] = value j + 16 + i (high nibbles).
-__device__ __forceinline__ void q4_levels(uint32_t w, float lo[4], float hi[4]) {
-  const uint32_t l = w & 0x0F0F0F0Fu, h = (w >> 4) & 0x0F0F0F0Fu;
-  lo[0] = byte_value<0>(l, 8388608.0f);
-  lo[1] = byte_value<1>(l, 8388608.0f);
-  lo[2] = byte_value<2>(l, 8388608.0f);
-  lo[3] = byte_value<3>(l, 8388608.0f);
-  hi[0] = byte_value<0>(h, 8388608.0f);
-  hi[1] = byte_value<1>(h, 8388608.0f);
-  hi[2] = byte_value<2>(h, 8388608.0f);
-  hi[3] = byte_value<3>(h, 8388608.0f);
-}
-
-// Q6: four levels of 6 bits from a word of their low nibbles (as q4_levels) and words whose bytes hold their top
-// 2 bits at the bottom (tl for the low nibbles' levels, th for the high ones').
+// Four bytes of Q6 levels: lo[i] = value j + i (low nibbles of w, top 2 bits from the bottom of byte i of tl),
+// hi[i] = value j + 16 + i (high nibbles, top bits from th). Q4's levels are these with no top bits.
 __device__ __forceinline__ void q6_levels(uint32_t w, uint32_t tl, uint32_t th, float lo[4], float hi[4]) {
   const uint32_t l = (w & 0x0F0F0F0Fu) | ((tl & 0x03030303u) << 4);
   const uint32_t h = ((w >> 4) & 0x0F0F0F0Fu) | ((th & 0x03030303u) << 4);
@@ -161,7 +148,7 @@ template <Format F>
 __device__ __forceinline__ void coded_group_dot(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p,
                                                 const float v[32], float acc[4]) {
   using L = Layout<F>;
-  uint2 w[4][2], t[4];
+  uint2 w[4][2], t[4] = {};
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
 #pragma unroll
@@ -179,12 +166,8 @@ __device__ __forceinline__ void coded_group_dot(const uint8_t* __restrict__ bloc
     float sum = 0.0f, lo[4], hi[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      if constexpr (F == Format::Q6) {
-        const uint32_t top = (c & 1) ? t[r].y : t[r].x;
-        q6_levels(words[c], top >> (2 * (c >> 1)), top >> (4 + 2 * (c >> 1)), lo, hi);
-      } else {
-        q4_levels(words[c], lo, hi);
-      }
+      const uint32_t top = (c & 1) ? t[r].y : t[r].x;  // (Q4: 0)
+      q6_levels(words[c], top >> (2 * (c >> 1)), top >> (4 + 2 * (c >> 1)), lo, hi);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         sum = fmaf(lo[i], v[4 * c + i], sum);
