@@ -101,7 +101,8 @@ void add_testing_hooks(py::module_& m) {
           for (int64_t r = 0; r < n; ++r)
             if (!cpu_kernels().quantize_row(f, x.data() + r * k, k, out.mutable_data() + (r / kQuantRows) * row_bytes,
                                             int(r % kQuantRows)))
-              throw py::value_error("a value does not fit the format (NaN, inf, |x| >= 2^125, or too large for a float16 scale)");
+              throw py::value_error("a value does not fit the format (NaN, inf, |x| >= 2^125, or too large for a "
+                                    "float16 scale)");
           return out;
         }, py::arg("x"), py::arg("format"));
   m.def("_dequantize", [](py::array_t<uint8_t, py::array::c_style | py::array::forcecast> q, const std::string& format,
@@ -112,9 +113,10 @@ void add_testing_hooks(py::module_& m) {
           py::array_t<float> out({n, k});
           for (int64_t r = 0; r < n; ++r) {
             const uint8_t* block = q.data() + (r / kQuantRows) * row_bytes;
-            if (f == Format::Q8) cpu_kernels().dequant_q8(block, int(r % kQuantRows), k, out.mutable_data() + r * k);
-            else if (f == Format::Q4) cpu_kernels().dequant_q4(block, int(r % kQuantRows), k, out.mutable_data() + r * k);
-            else cpu_kernels().dequant_q6(block, int(r % kQuantRows), k, out.mutable_data() + r * k);
+            const auto dequant = f == Format::Q8   ? cpu_kernels().dequant_q8
+                                 : f == Format::Q4 ? cpu_kernels().dequant_q4
+                                                   : cpu_kernels().dequant_q6;
+            dequant(block, int(r % kQuantRows), k, out.mutable_data() + r * k);
           }
           return out;
         }, py::arg("q"), py::arg("format"), py::arg("n"), py::arg("k"));

@@ -215,8 +215,8 @@ class CudaBackend final : public Backend {
       if (!cpu_kernels().quantize_row(dst.format, row.data(), k, &blocks[size_t((r / kQuantRows - b0) * bb)],
                                       int(r % kQuantRows)))
         throw std::invalid_argument(std::string("a weight has a value that ") + format_name(dst.format) +
-                                    " cannot hold (NaN, inf, |x| >= 2^125, or a float16 scale that would overflow); load this "
-                                    "model in bfloat16");
+                                    " cannot hold (NaN, inf, |x| >= 2^125, or a float16 scale that would "
+                                    "overflow); load this model in bfloat16");
     };
     auto copy = [&](int64_t b, int64_t n, bool to_device) {
       void* dev = dst.data.row<uint8_t>(b);
