@@ -222,7 +222,8 @@ def test_logits_of_every_position(tiny_dir, alone):
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_quantized_dtypes_generate(tiny_model_dir, dtype):
     """load(dtype="int8"/"int4") quantizes at load and generates through the same queue; int4 keeps the
-    embedding int8. (The formats and their forward passes are checked in tests/test_quant.py.)"""
+    embedding and lm_head in int6 ("mixed"). (The formats and their forward passes are checked in
+    tests/test_quant.py.)"""
     d = tiny_model_dir(tie_word_embeddings=False, hidden_size=64, intermediate_size=96)
     with qwen_native.load(d, dtype=dtype, num_threads=1) as m:
         assert m.dtype == dtype
