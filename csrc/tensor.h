@@ -85,10 +85,13 @@ inline bool is_quantized(Format f) { return f == Format::Q8 || f == Format::Q4 |
 constexpr int64_t quant_groups(int64_t cols) { return (cols + kQuantGroup - 1) / kQuantGroup; }
 constexpr int64_t quant_blocks(int64_t rows) { return (rows + kQuantRows - 1) / kQuantRows; }
 constexpr int64_t quant_header_bytes(Format f) { return f == Format::Q4 || f == Format::Q6 ? kQuantRows * 2 : 0; }
+constexpr int64_t quant_scale_bytes(Format f) {  // the scales of one group of a block's 4 rows
+  return f == Format::Q6 ? kQuantRows : 2 * kQuantRows;
+}
 constexpr int64_t quant_group_bytes(Format f) {  // one group of a block's 4 rows: their scales, then their levels
-  return f == Format::Q8   ? kQuantRows * (2 + kQuantGroup)
-         : f == Format::Q4 ? kQuantRows * (2 + kQuantGroup / 2)
-                           : kQuantRows * (1 + kQuantGroup / 2 + kQuantGroup / 4);
+  return quant_scale_bytes(f) + kQuantRows * (f == Format::Q8   ? kQuantGroup
+                                              : f == Format::Q4 ? kQuantGroup / 2
+                                                                : kQuantGroup / 2 + kQuantGroup / 4);
 }
 constexpr int64_t quant_block_bytes(Format f, int64_t cols) {  // a block of 4 rows of `cols` values
   return quant_header_bytes(f) + quant_groups(cols) * quant_group_bytes(f);

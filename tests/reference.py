@@ -7,7 +7,7 @@ from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from fixtures import head_dim
+from fixtures import bf16_round, head_dim
 
 
 def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -24,12 +24,6 @@ def _rotary(positions: np.ndarray, hd: int, theta: float):
 def _rotate_half(x: np.ndarray) -> np.ndarray:
     h = x.shape[-1] // 2
     return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-
-
-def bf16(x: np.ndarray) -> np.ndarray:
-    """x rounded to float32, then to bfloat16 (nearest even), as float64."""
-    u = np.asarray(x, dtype=np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32).astype(np.float64)
 
 
 def quantize_inputs(x: np.ndarray) -> np.ndarray:
@@ -64,7 +58,7 @@ def reference_logits(weights: Dict[str, np.ndarray], cfg: dict, ids: Sequence[in
         if qrows.size:
             out[qrows] = quantize_inputs(h[qrows].astype(np.float32)).astype(np.float64) @ W[name].T
         if brows.size:
-            out[brows] = bf16(h[brows]) @ bf16(W[name]).T
+            out[brows] = bf16_round(h[brows]).astype(np.float64) @ bf16_round(W[name]).astype(np.float64).T
         return out
     T = len(ids)
     nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg)

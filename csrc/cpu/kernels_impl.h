@@ -725,8 +725,9 @@ static float fit_q6_group(const float* v) {
 // Q4 / Q6, one whole row (its codes are relative to the row's D): every group's best d (and Q4's m), D from the
 // largest d, then per group the codes on either side of d / D (and of Q4's zero point -8 m / d), keeping those whose
 // levels have the smallest error.
-template <int kTop>
-static void quantize_coded_row(Format f, const float* x, int64_t k, uint8_t* block, int lane) {
+template <Format f>
+static void quantize_coded_row(const float* x, int64_t k, uint8_t* block, int lane) {
+  constexpr int kTop = f == Format::Q4 ? 15 : 63;
   const int64_t groups = quant_groups(k), gb = quant_group_bytes(f);
   // The search runs on the row scaled by a power of two to a largest |value| in [0.5, 1): exact, so the codes are
   // those of any scale of the row, and the sums of squares can neither overflow nor underflow.
@@ -758,7 +759,7 @@ static void quantize_coded_row(Format f, const float* x, int64_t k, uint8_t* blo
   const float D = bf16_ceil(dmax / 255.0f);                  // of the scaled row: d is at most about 1
   const uint16_t D16 = f32_to_bf16(std::ldexp(D, e));        // exact unless beyond bf16's normal range
   std::memcpy(block + 2 * lane, &D16, 2);
-  const int64_t scales = f == Format::Q4 ? 2 * kQuantRows : kQuantRows;
+  constexpr int64_t scales = quant_scale_bytes(f);
   for (int64_t g = 0; g < groups; ++g) {
     fill(g, v);
     const float a0 = D > 0.0f ? std::floor(dm[size_t(2 * g)] / D) : 0.0f;
@@ -806,8 +807,8 @@ static bool quantize_row(Format f, const float* x, int64_t k, uint8_t* block, in
     bad |= uint32_t((u & 0x7f800000u) >= 0x7e000000u);
   }
   if (bad) return false;
-  if (f == Format::Q4) return quantize_coded_row<15>(f, x, k, block, lane), true;
-  if (f == Format::Q6) return quantize_coded_row<63>(f, x, k, block, lane), true;
+  if (f == Format::Q4) return quantize_coded_row<Format::Q4>(x, k, block, lane), true;
+  if (f == Format::Q6) return quantize_coded_row<Format::Q6>(x, k, block, lane), true;
   const int64_t bb = quant_group_bytes(Format::Q8);
   float v[kG];
   for (int64_t g = 0; g < quant_groups(k); ++g) {
@@ -844,7 +845,7 @@ static inline int coded_level(const uint8_t* nibbles, const uint8_t* high, int e
 template <int kBits>
 static void dequant_coded(const uint8_t* block, int lane, int64_t k, float* out) {
   constexpr Format f = kBits == 4 ? Format::Q4 : Format::Q6;
-  constexpr int64_t bb = quant_group_bytes(f), scales = kBits == 4 ? 2 * kQuantRows : kQuantRows;
+  constexpr int64_t bb = quant_group_bytes(f), scales = quant_scale_bytes(f);
   uint16_t D16;
   std::memcpy(&D16, block + 2 * lane, 2);
   const float D = qwen::bf16_to_f32(D16);
@@ -1014,9 +1015,9 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
                        int64_t T, float* y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
   constexpr Format f = kBits == 4 ? Format::Q4 : Format::Q6;
   constexpr int64_t bb = quant_group_bytes(f), head = quant_header_bytes(f);
-  constexpr int64_t scales = kBits == 4 ? 2 * kQuantRows : kQuantRows;  // the codes' bytes, then the levels'
-  constexpr int64_t high_at = scales + kQuantRows * (kG / 2);              // Q6: the rows' top bits, 8 bytes each
-  constexpr float offset = kBits == 4 ? -0.125f : -32.0f;                  // m / (d c) or m / d
+  constexpr int64_t scales = quant_scale_bytes(f);             // the codes' bytes, then the levels'
+  constexpr int64_t high_at = scales + kQuantRows * (kG / 2);  // Q6: the rows' top bits, 8 bytes each
+  constexpr float offset = kBits == 4 ? -0.125f : -32.0f;      // m / (d c) or m / d
   quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, auto n,
                                                                float (*sums)[kQuantRows]) {
     constexpr int nt = decltype(n)::value;

@@ -37,6 +37,8 @@ template <> struct Layout<Format::Q6> {  // the low 4 bits as Q4, then each row'
 static_assert(Layout<Format::Q8>::kBlock == quant_group_bytes(Format::Q8) &&
               Layout<Format::Q4>::kBlock == quant_group_bytes(Format::Q4) &&
               Layout<Format::Q6>::kBlock == quant_group_bytes(Format::Q6) &&
+              Layout<Format::Q4>::kScales == quant_scale_bytes(Format::Q4) &&
+              Layout<Format::Q6>::kScales == quant_scale_bytes(Format::Q6) &&
               Layout<Format::Q4>::kHeader == quant_header_bytes(Format::Q4) &&
               Layout<Format::Q6>::kHeader == quant_header_bytes(Format::Q6), "tensor.h's layout");
 
