@@ -93,26 +93,19 @@ void micro_dispatch(int rows, const uint16_t* x, int64_t ldx, const uint16_t* pa
   micro<R>(x, ldx, panel, pairs, C, ldc, first, accumulate, bias, m0, m1);
 }
 
-// Cache lines to bring into L2 while a block computes: `per_step` of them per 32 k, from p up to end.
-struct Prefetch {
-  const char* p = nullptr;
-  const char* end = nullptr;
-  int64_t per_step = 0;
-};
-
 // Rows r .. r+R-1 of W against NT bf16 input rows (stride ldx), every weight load shared by the NT inputs and every
 // input load by the R rows. Each (row, input) pair has its own 16 lanes, accumulated over k in order and reduced
 // the same way whatever R and NT are, so a row's result does not depend on the rows or inputs computed beside it.
 template <int R, int NT>
 inline void dot_block(const uint16_t* W, int64_t ldw, const uint16_t* X, int64_t ldx, int64_t k, float* Y,
-                      int64_t ldy, const float* bias, bool accumulate, int64_t r, Prefetch& pf) {
+                      int64_t ldy, const float* bias, bool accumulate, int64_t r, L2Prefetch& pf) {
   const int64_t kv = k & ~int64_t(31);
   const __mmask32 tail = __mmask32((uint64_t(1) << (k - kv)) - 1u);
   __m512 acc[R][NT];
   for (int j = 0; j < R; ++j)
     for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_setzero_ps();
   for (int64_t i = 0; i < kv; i += 32) {
-    for (int64_t q = 0; q < pf.per_step && pf.p < pf.end; ++q, pf.p += 64) _mm_prefetch(pf.p, _MM_HINT_T1);
+    pf.step();
     __m512bh xv[NT];
     for (int t = 0; t < NT; ++t) xv[t] = (__m512bh)_mm512_loadu_si512((const void*)(X + t * ldx + i));
     for (int j = 0; j < R; ++j) {
@@ -140,7 +133,7 @@ inline void dot_block(const uint16_t* W, int64_t ldw, const uint16_t* X, int64_t
 // Rows [r0, r1) for NT inputs: R rows at a time, then one at a time.
 template <int R, int NT>
 void dot_rows(const uint16_t* W, int64_t ldw, const uint16_t* X, int64_t ldx, int64_t k, float* Y, int64_t ldy,
-              const float* bias, bool accumulate, int64_t r0, int64_t r1, Prefetch& pf) {
+              const float* bias, bool accumulate, int64_t r0, int64_t r1, L2Prefetch& pf) {
   int64_t r = r0;
   for (; r + R <= r1; r += R) dot_block<R, NT>(W, ldw, X, ldx, k, Y, ldy, bias, accumulate, r, pf);
   for (; r < r1; ++r) dot_block<1, NT>(W, ldw, X, ldx, k, Y, ldy, bias, accumulate, r, pf);
@@ -164,13 +157,12 @@ void gemv_bf16_dot(const uint16_t* W, int64_t ldw, const float* X, const float* 
   // sequences, medians of runs alternating with the same slices unprefetched: B=8 166 -> 122 ms; against the
   // earlier kernel, 8 rows streamed per input group: B=1 110 -> 103 ms, B=16 268 -> 180-205 ms).
   constexpr int64_t kInputs = 6;
-  const int64_t slice = std::max<int64_t>(4, (int64_t(64) << 10) / std::max<int64_t>(2 * ldw, 1) / 4 * 4);
-  const int64_t groups = (nx + kInputs - 1) / kInputs, steps_per_block = std::max<int64_t>(1, k / 32);
+  const int64_t slice = std::max<int64_t>(4, kSliceBytes / std::max<int64_t>(2 * ldw, 1) / 4 * 4);
+  const int64_t groups = (nx + kInputs - 1) / kInputs;
   for (int64_t s = r0; s < r1; s += slice) {
-    const int64_t e = std::min(r1, s + slice), next = std::min(r1, e + slice);
-    Prefetch pf{reinterpret_cast<const char*>(W + e * ldw), reinterpret_cast<const char*>(W + next * ldw), 0};
-    const int64_t steps = ((e - s + 3) / 4) * groups * steps_per_block;
-    pf.per_step = ((pf.end - pf.p) / 64 + steps - 1) / steps;
+    const int64_t e = std::min(r1, s + slice);
+    L2Prefetch pf = L2Prefetch::spread(W + e * ldw, W + std::min(r1, e + slice) * ldw,
+                                       (e - s + 3) / 4 * groups * std::max<int64_t>(1, k / 32));
     for (int64_t t = 0, g = 0; t < nx; ++g) {
       const int64_t m = (nx - t) / (groups - g);
       const uint16_t* x = xs + t * ldx16;

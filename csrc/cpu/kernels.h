@@ -3,6 +3,7 @@
 // split work across its threads; none allocates.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -68,6 +69,27 @@ struct CpuKernels {
   void (*gemm_bf16_cols)(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* W, int64_t ldw, float* C,
                          int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1, uint16_t* panel);
 };
+
+// Several-input GEMVs take the weight rows in slices that stay in L2 while every input passes over them, and bring
+// the next slice into L2 meanwhile: `per_step` cache lines each time step() is called, from p up to end. Left to
+// the blocks' own loads, the weights came from memory at a fraction of the bandwidth once each byte fed several
+// inputs' FMAs (the hardware prefetchers do not run far enough ahead of them).
+struct L2Prefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int64_t per_step = 0;
+
+  // The bytes [begin, end) spread over `steps` calls of step().
+  static L2Prefetch spread(const void* begin, const void* end, int64_t steps) {
+    L2Prefetch f{static_cast<const char*>(begin), static_cast<const char*>(end), 0};
+    f.per_step = ((f.end - f.p) / 64 + steps - 1) / std::max<int64_t>(steps, 1);
+    return f;
+  }
+  void step() {
+    for (int64_t q = 0; q < per_step && p < end; ++q, p += 64) __builtin_prefetch(p, 0, 2);  // 2: into L2
+  }
+};
+constexpr int64_t kSliceBytes = int64_t(64) << 10;  // weight rows per slice: about this many bytes
 
 // The bf16 GEMM's weight panel: kBf16PanelCols output columns × kBf16PanelK of k (32 KB, resident in L1).
 constexpr int64_t kBf16PanelCols = 32, kBf16PanelK = 512;
