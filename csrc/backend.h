@@ -52,7 +52,8 @@ class Backend {
   virtual void reserve(int64_t bytes, const std::string& what) = 0;
   // Allocates rows × cols, owned by the backend until it is destroyed. Contents undefined.
   virtual Tensor alloc(DType dtype, int64_t rows, int64_t cols) = 0;
-  // A parameter of rows × cols in format f: exactly format_bytes(f, rows, cols) of backend memory.
+  // A parameter of rows × cols in format f: format_bytes(f, rows, cols) of backend memory (the CPU's bf16 panels pad
+  // that by up to 31 rows and one column).
   virtual Weight alloc_weight(Format f, int64_t rows, int64_t cols) {
     if (is_quantized(f)) throw std::invalid_argument(std::string("this backend does not store ") + format_name(f));
     return Weight{alloc(format_dtype(f), rows, cols), f, rows, cols};

@@ -139,19 +139,22 @@ void read_tensors(Backend& backend, const std::vector<TensorTarget>& targets, in
           const int64_t esize = int64_t(dtype_size(t->src_dtype));
           const Tensor& data = t->dst.data;
           char* direct = static_cast<char*>(backend.host_data(data));
-          if (direct && !is_quantized(t->dst.format) && data.dtype == t->src_dtype && data.contiguous()) {
+          // Quantized and panel-stored weights take whole rows; a plain one any run of elements.
+          const bool by_rows = is_quantized(t->dst.format) || t->dst.panels;
+          if (direct && !by_rows && data.dtype == t->src_dtype && data.contiguous()) {
             pread_all(file.fd, s.path, direct + t->at * esize, s.nbytes, s.offset);
             continue;
           }
           if (bounce.empty()) bounce.resize(size_t(kChunk));
-          // A quantized parameter takes whole rows; a plain one any run of elements.
-          const int64_t unit = is_quantized(t->dst.format) ? t->dst.cols() * esize : esize;
-          const int64_t step = std::max<int64_t>(1, kChunk / unit) * unit;
+          const int64_t unit = by_rows ? t->dst.cols() * esize : esize;
+          // (Panel-stored weights in whole 32-row blocks where they can: packed at once, not element by element.)
+          const int64_t per = std::max<int64_t>(1, kChunk / unit);
+          const int64_t step = (t->dst.panels && per >= 32 ? per / 32 * 32 : per) * unit;
           if (step > int64_t(bounce.size())) bounce.resize(size_t(step));
           for (int64_t done = 0; done < s.nbytes; done += step) {
             const int64_t n = std::min(step, s.nbytes - done);
             pread_all(file.fd, s.path, bounce.data(), n, s.offset + done);
-            if (is_quantized(t->dst.format))
+            if (by_rows)
               backend.upload_weight(t->dst, (t->at + done / esize) / t->dst.cols(), bounce.data(), t->src_dtype,
                                     n / unit);
             else

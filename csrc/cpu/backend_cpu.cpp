@@ -81,6 +81,7 @@ class CpuBackend final : public Backend {
     scratch_.resize(size_t(pool_.size()));
     tiles_.resize(size_t(pool_.size()));
     tiles16_.resize(size_t(pool_.size()));
+    panels_.resize(size_t(pool_.size()));
   }
 
   ~CpuBackend() override {
@@ -96,12 +97,13 @@ class CpuBackend final : public Backend {
 #endif
     return std::string("cpu (") + K_.isa + ", " + std::to_string(pool_.size()) + " threads; one row: " + K_.isa +
            " GEMV; several rows: float32 " + sgemm + ", bfloat16 " +
-           (K_.gemm_bf16_cols ? "VDPBF16PS GEMM on bf16-rounded inputs" : "tiles widened to float32 + " + sgemm) +
+           (K_.gemm_bf16_panels ? "VDPBF16PS on bf16-rounded inputs (every bf16 matmul)"
+                                : "tiles widened to float32 + " + sgemm) +
            "; int8/int4: integer dot products with the inputs quantized to int8, " +
            (K_.quant_dot_rows == std::numeric_limits<int64_t>::max()
                 ? std::string("any number of rows")
                 : "up to " + std::to_string(K_.quant_dot_rows) + " rows, then tiles " +
-                      (K_.gemm_bf16_cols ? std::string("rounded to bf16 + the VDPBF16PS GEMM")
+                      (K_.gemm_bf16_panels ? std::string("rounded to bf16 + VDPBF16PS")
                                          : "widened to float32 + " + sgemm)) +
            ")";
   }
@@ -131,17 +133,23 @@ class CpuBackend final : public Backend {
 
   // Scratch of the matmuls is sized here, at load, never per step.
   Weight alloc_weight(Format f, int64_t rows, int64_t cols) override {
-    if (f == Format::BF16 && size_t(cols) > xs_.size()) xs_.resize(size_t(cols));
-    const bool narrow = f == Format::BF16 || is_quantized(f);
-    if (narrow && K_.gemm_bf16_cols && panels_.empty())
-      panels_.assign(size_t(pool_.size()), std::vector<uint16_t>(size_t(gemm_bf16_panel_elems())));
-    if (narrow && !K_.gemm_bf16_cols)  // batched passes widen tiles of rows to float32
+    const int64_t k2 = cols + (cols & 1);
+    const bool panels = f == Format::BF16 && K_.gemm_bf16_panels;
+    if (f == Format::BF16 && !panels && size_t(cols) > xs_.size()) xs_.resize(size_t(cols));
+    if (panels && size_t(k2) > x16_.size()) x16_.resize(size_t(k2));
+    if ((f == Format::BF16 || is_quantized(f)) && !K_.gemm_bf16_panels)  // batched passes widen tiles to float32
       for (auto& t : tiles_) t.resize(std::max(t.size(), size_t(kTileFloats)));
-    if (is_quantized(f) && K_.gemm_bf16_cols)  // long quantized runs: a row widened, then bf16 tiles of rows
+    if (is_quantized(f) && K_.gemm_bf16_panels)  // long quantized runs: a row widened, then bf16 tiles of rows
       for (size_t i = 0; i < tiles_.size(); ++i) {
         tiles_[i].resize(std::max(tiles_[i].size(), size_t(cols)));
-        tiles16_[i].resize(std::max(tiles16_[i].size(), size_t(kQuantTileRows * (cols + (cols & 1)))));
+        tiles16_[i].resize(std::max(tiles16_[i].size(), size_t(kQuantTileRows * k2)));
+        panels_[i].resize(size_t(kBf16PanelCols * kBf16PanelK));
       }
+    if (panels) {  // zeroed by mmap: the pad column and the last block's missing rows stay zero
+      Weight w{alloc(DType::BF16, (rows + kBf16PanelCols - 1) / kBf16PanelCols, kBf16PanelCols * k2), f, rows, cols};
+      w.panels = true;
+      return w;
+    }
     if (!is_quantized(f)) return Weight{alloc(format_dtype(f), rows, cols), f, rows, cols};
     const int64_t groups = quant_groups(cols);
     if (size_t(groups) > sx_.size()) {
@@ -153,6 +161,7 @@ class CpuBackend final : public Backend {
   }
 
   void upload_weight(const Weight& dst, int64_t row0, const void* src, DType src_dtype, int64_t rows) override {
+    if (dst.panels) return upload_panels(dst, row0, src, src_dtype, rows);
     if (!is_quantized(dst.format)) return Backend::upload_weight(dst, row0, src, src_dtype, rows);
     if (row0 < 0 || rows < 0 || row0 + rows > dst.rows()) throw std::out_of_range("upload outside its weight");
     const int64_t k = dst.cols();
@@ -164,6 +173,31 @@ class CpuBackend final : public Backend {
         throw std::invalid_argument(std::string("a weight has a value that ") + format_name(dst.format) +
                                     " cannot hold (NaN, inf, |x| >= 2^125, or a float16 scale that would "
                                     "overflow); load this model in bfloat16 or float32");
+    }
+  }
+
+  // Rows of a bf16 weight into its panels: the blocks this call covers whole packed at once, the rows of a block
+  // shared with another call (another tensor of a fused weight) element by element, leaving the others' alone.
+  void upload_panels(const Weight& dst, int64_t row0, const void* src, DType src_dtype, int64_t rows) {
+    if (row0 < 0 || rows < 0 || row0 + rows > dst.rows()) throw std::out_of_range("upload outside its weight");
+    const int64_t k = dst.cols(), k2 = k + (k & 1);
+    uint16_t* P = dst.data.ptr<uint16_t>();
+    std::vector<uint16_t> block(src_dtype == DType::BF16 ? 0 : size_t(kBf16PanelCols * k));  // converted rows
+    for (int64_t r = row0; r < row0 + rows;) {
+      const int64_t b = r / kBf16PanelCols * kBf16PanelCols, m = std::min(b + kBf16PanelCols, row0 + rows) - r;
+      const void* from = static_cast<const char*>(src) + (r - row0) * k * int64_t(dtype_size(src_dtype));
+      const uint16_t* rows16 = static_cast<const uint16_t*>(from);
+      if (src_dtype != DType::BF16) {
+        upload(Tensor{block.data(), DType::BF16, m, k, k}, 0, from, src_dtype, m * k);
+        rows16 = block.data();
+      }
+      if (r == b && (m == kBf16PanelCols || b + m == dst.rows())) {
+        K_.pack_bf16_block(rows16, k, m, k, P + b * k2);
+      } else {
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t c = 0; c < k; ++c) P[bf16_panel_at(k, r + i, c)] = rows16[i * k + c];
+      }
+      r += m;
     }
   }
 
@@ -223,7 +257,14 @@ class CpuBackend final : public Backend {
       const int64_t id = rows_.ids[t];
       switch (table.format) {
         case Format::F32: std::memcpy(o, table.data.row<float>(id), size_t(table.cols()) * 4); break;
-        case Format::BF16: K_.bf16_to_f32(table.data.row<uint16_t>(id), o, table.cols()); break;
+        case Format::BF16:
+          if (!table.panels) {
+            K_.bf16_to_f32(table.data.row<uint16_t>(id), o, table.cols());
+            break;
+          }
+          for (int64_t i = 0; i < table.cols(); ++i)
+            o[i] = bf16_to_f32(table.data.ptr<uint16_t>()[bf16_panel_at(table.cols(), id, i)]);
+          break;
         case Format::Q8: case Format::Q4: case Format::Q6: dequant_row(table, id, o); break;
       }
     }
@@ -255,12 +296,11 @@ class CpuBackend final : public Backend {
   }
 
   // Whether a run of n rows is computed row by row (each row the arithmetic of a one-row matmul, so runs can share
-  // one pass over the weights, and verified proposals are decode steps bit for bit): single rows; quantized runs of
-  // up to the kernel set's quant_dot_rows (integer dot products); float32 and bf16 runs of up to kGemvRows (with
-  // VDPBF16PS too: its GEMV skips the GEMM's panel packing, which short runs do not repay; Zen 4, 1.5B, 2 threads:
-  // 8 rows 306 -> 171 ms, 16 rows 319 -> 211 ms, 32 rows 433 -> 354 ms).
+  // one pass over the weights, and verified proposals are decode steps bit for bit): single rows; bf16 panels at
+  // any length (one kernel for all); quantized runs of up to the kernel set's quant_dot_rows (integer dot
+  // products); float32 and other bf16 runs of up to kGemvRows.
   bool per_row(const Weight& w, int64_t n) const {
-    return n == 1 || (is_quantized(w.format) && n <= K_.quant_dot_rows) ||
+    return n == 1 || w.panels || (is_quantized(w.format) && n <= K_.quant_dot_rows) ||
            ((w.format == Format::F32 || w.format == Format::BF16) && n <= kGemvRows);
   }
 
@@ -270,6 +310,7 @@ class CpuBackend final : public Backend {
     const int64_t T = x.rows, n = weight.rows(), k = weight.cols();
     const float* b = bias ? bias->ptr<float>() : nullptr;
     if (is_quantized(weight.format)) return matmul_quantized(out, x, weight, b, accumulate);  // rows independent
+    if (weight.panels) return gemm_panels(out, x, weight, b, accumulate);                     // rows independent
     if (weight.format == Format::BF16) {
       if (xs_.size() < size_t(T * k)) xs_.resize(size_t(T * k));  // several sequences: grows once
       for (int64_t t = 0; t < T; ++t) K_.prepare_x_bf16(x.row<float>(t), k, xs_.data() + t * k);
@@ -308,10 +349,8 @@ class CpuBackend final : public Backend {
 
   void gemm_run(const Tensor& out, const Tensor& x, const Weight& weight, const float* b, bool accumulate) {
     const Tensor& w = weight.data;
-    if (is_quantized(weight.format) && K_.gemm_bf16_cols) return gemm_quant_bf16(out, x, weight, b, accumulate);
-    if (is_quantized(weight.format)) return gemm_widened(out, x, weight, b, accumulate);
+    if (is_quantized(weight.format) && K_.gemm_bf16_panels) return gemm_quant_bf16(out, x, weight, b, accumulate);
     if (weight.format == Format::F32) gemm_f32(out, x, w, b, accumulate);
-    else if (K_.gemm_bf16_cols) gemm_bf16(out, x, w, b, accumulate);
     else gemm_widened(out, x, weight, b, accumulate);
   }
 
@@ -419,16 +458,15 @@ class CpuBackend final : public Backend {
     }, /*chunks_per_thread=*/2);
   }
 
-  // Batched with bf16 weights on CPUs with the bf16 dot-product GEMM: inputs rounded to bf16, sums in float32.
-  void gemm_bf16(const Tensor& out, const Tensor& x, const Tensor& w, const float* b, bool accumulate) {
-    const int64_t T = x.rows, n = w.rows, k = w.cols;
-    const int64_t k2 = k + (k & 1);
-    if (x16_.size() < size_t(T * k2)) x16_.resize(size_t(T * k2));  // batched passes only, grows once
+  // bf16 weights as panels (CPUs with AVX512-BF16), any number of rows: the inputs rounded to bf16 once.
+  void gemm_panels(const Tensor& out, const Tensor& x, const Weight& weight, const float* b, bool accumulate) {
+    const int64_t T = x.rows, n = weight.rows(), k = weight.cols(), k2 = k + (k & 1);
+    if (x16_.size() < size_t(T * k2)) x16_.resize(size_t(T * k2));  // several rows: grows once
     for_rows(T, [&](int64_t t) { K_.round_rows_bf16(x.ptr<float>(), x.ld, t, t + 1, k, x16_.data()); });
-    pool_.parallel_for(n, 32, [&](int64_t r0, int64_t r1, int tid) {
-      K_.gemm_bf16_cols(x16_.data(), T, k, w.ptr<uint16_t>(), w.ld, out.ptr<float>(), out.ld, b, accumulate, r0, r1,
-                        panels_[size_t(tid)].data());
-    }, /*chunks_per_thread=*/4);
+    pool_.parallel_for(n, kBf16PanelCols, [&](int64_t r0, int64_t r1, int) {
+      K_.gemm_bf16_panels(x16_.data(), T, k, weight.data.ptr<uint16_t>(), n, out.ptr<float>(), out.ld, b, accumulate,
+                          r0, r1);
+    });
   }
 
   // Long quantized runs on CPUs with the bf16 GEMM: tiles of rows dequantized and rounded to bf16 (never the whole
@@ -494,9 +532,9 @@ class CpuBackend final : public Backend {
   std::vector<std::pair<void*, size_t>> allocations_;
   std::vector<std::vector<float>> scratch_;  // per thread: attention scores
   std::vector<std::vector<float>> tiles_;    // per thread: widened bf16 weight tiles
-  std::vector<uint16_t> x16_;               // batched bf16 GEMM: the input rounded to bf16 (T × even k)
-  std::vector<std::vector<uint16_t>> panels_;  // per thread: packed weight panel of the bf16 GEMM
+  std::vector<uint16_t> x16_;               // bf16 panels: the input rounded to bf16 (T × even k)
   std::vector<std::vector<uint16_t>> tiles16_;  // per thread: quantized rows as bf16 for the bf16 GEMM
+  std::vector<std::vector<uint16_t>> panels_;   // per thread: the panel of a tile the bf16 GEMM packs as it goes
   std::vector<float> xs_;                    // the decode input rearranged for the bf16 GEMV (widest bf16 matrix)
   std::vector<int8_t> qx_;                   // the decode input quantized for the Q8/Q4 GEMVs: levels,
   std::vector<float> sx_, xsum_;             // steps and sums per group (widest quantized matrix)

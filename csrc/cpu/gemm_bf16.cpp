@@ -1,8 +1,9 @@
-// Batched matmul for bf16 weights on CPUs with AVX512-BF16 (compiled with -mavx512bf16; chosen only when CPUID
-// reports it). VDPBF16PS multiplies bf16 pairs and accumulates in float32 at twice the rate of float32 FMAs, so
-// bfloat16 mode rounds its matmul inputs to bf16 (weights already are) and keeps every sum in float32, as llama.cpp
-// and PyTorch do for bf16 weights: prefill on the GEMM below, decode rows on the GEMV (no widening of the weights,
-// so decode steps of many sequences are bound by memory longer than the float32-FMA GEMV).
+// bf16 matmuls on CPUs with AVX512-BF16 (compiled with -mavx512bf16; chosen only when CPUID reports it).
+// VDPBF16PS multiplies bf16 pairs and accumulates in float32 at twice the rate of float32 FMAs, so bfloat16 mode
+// rounds its matmul inputs to bf16 (weights already are) and keeps every sum in float32, as llama.cpp and PyTorch do
+// for bf16 weights. The weights are stored as the micro-kernel reads them (kernels.h: 32-row blocks of k-pair
+// panels, packed once at load), so one kernel serves every number of rows: a decode row streams the panels from
+// memory, a prompt reuses each panel from L1/L2 for 12 rows at a time, and no pass packs anything.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -20,12 +21,16 @@ static_assert(kNB == 32, "the micro-kernel covers two 16-lane registers");
 constexpr int kRows = 12;     // rows of x per micro-kernel call: 24 accumulators
 
 // C[r, 0..31] (+)= sum over pairs p of x[r, 2p..2p+1] · panel[p, column, 0..1], for R rows.
-template <int R>
+// With kPrefetch, every 4 pairs it brings pf's next lines into L2 (written out here: a call the compiler kept would
+// spill the 24 accumulators around it).
+template <int R, bool kPrefetch>
 void micro(const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t pairs, float* C, int64_t ldc,
-           bool first, bool accumulate, const float* bias, __mmask16 m0, __mmask16 m1) {
+           bool first, bool accumulate, const float* bias, __mmask16 m0, __mmask16 m1, L2Prefetch& pf) {
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
+    if (kPrefetch && (p & 3) == 0)
+      for (int64_t q = 0; q < pf.per_step && pf.p < pf.end; ++q, pf.p += 64) __builtin_prefetch(pf.p, 0, 2);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void*)(panel + p * 64));
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void*)(panel + p * 64 + 32));
     for (int r = 0; r < R; ++r) {
@@ -81,104 +86,57 @@ inline void pack_16x16(const uint16_t* w, int64_t ldw, uint16_t* panel, int64_t 
   }
 }
 
-template <int R>
+template <int R, bool kPrefetch>
 void micro_dispatch(int rows, const uint16_t* x, int64_t ldx, const uint16_t* panel, int64_t pairs, float* C,
-                    int64_t ldc, bool first, bool accumulate, const float* bias, __mmask16 m0, __mmask16 m1) {
+                    int64_t ldc, bool first, bool accumulate, const float* bias, __mmask16 m0, __mmask16 m1,
+                    L2Prefetch& pf) {
   if constexpr (R > 1) {
     if (rows < R) {
-      micro_dispatch<R - 1>(rows, x, ldx, panel, pairs, C, ldc, first, accumulate, bias, m0, m1);
+      micro_dispatch<R - 1, kPrefetch>(rows, x, ldx, panel, pairs, C, ldc, first, accumulate, bias, m0, m1, pf);
       return;
     }
   }
-  micro<R>(x, ldx, panel, pairs, C, ldc, first, accumulate, bias, m0, m1);
+  micro<R, kPrefetch>(x, ldx, panel, pairs, C, ldc, first, accumulate, bias, m0, m1, pf);
 }
 
-// Rows r .. r+R-1 of W against NT bf16 input rows (stride ldx), every weight load shared by the NT inputs and every
-// input load by the R rows. Each (row, input) pair has its own 16 lanes, accumulated over k in order and reduced
-// the same way whatever R and NT are, so a row's result does not depend on the rows or inputs computed beside it.
-template <int R, int NT>
-inline void dot_block(const uint16_t* W, int64_t ldw, const uint16_t* X, int64_t ldx, int64_t k, float* Y,
-                      int64_t ldy, const float* bias, bool accumulate, int64_t r, L2Prefetch& pf) {
-  const int64_t kv = k & ~int64_t(31);
-  const __mmask32 tail = __mmask32((uint64_t(1) << (k - kv)) - 1u);
-  __m512 acc[R][NT];
-  for (int j = 0; j < R; ++j)
-    for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < kv; i += 32) {
-    pf.step();
-    __m512bh xv[NT];
-    for (int t = 0; t < NT; ++t) xv[t] = (__m512bh)_mm512_loadu_si512((const void*)(X + t * ldx + i));
-    for (int j = 0; j < R; ++j) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void*)(W + (r + j) * ldw + i));
-      for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], wv, xv[t]);
+// Rows 0..valid-1 of W (stride ldw), columns kc.. of the panel starting at kc, into `panel`: panel[p][j][0..1] =
+// W[j][kc + 2p .. kc + 2p + 1], zero past the matrix. Each (p, j) is one 32-bit pair of row j, so packing is a
+// transpose of 32-bit elements: 16x16 blocks in registers where the block is whole, element by element at the edges.
+void pack_panel(const uint16_t* W, int64_t ldw, int64_t valid, int64_t k, int64_t kc, uint16_t* panel) {
+  const int64_t pairs = std::min(kKC, k + (k & 1) - kc) / 2;
+  int64_t p_fast = 0;
+  if (valid >= kNB) {
+    p_fast = std::max<int64_t>(0, std::min(pairs, (k - kc) / 2)) / 16 * 16;
+    for (int64_t p0 = 0; p0 < p_fast; p0 += 16)
+      for (int64_t j0 = 0; j0 < kNB; j0 += 16) pack_16x16(W + j0 * ldw + kc + 2 * p0, ldw, panel, p0, j0);
+  }
+  for (int64_t j = 0; j < kNB; ++j) {
+    uint16_t* dst = panel + j * 2;
+    if (j >= valid) {
+      for (int64_t p = p_fast; p < pairs; ++p) dst[p * kNB * 2] = dst[p * kNB * 2 + 1] = 0;
+      continue;
+    }
+    const uint16_t* w = W + j * ldw;
+    for (int64_t p = p_fast; p < pairs; ++p) {
+      const int64_t kk = kc + 2 * p;
+      dst[p * kNB * 2] = w[kk];
+      dst[p * kNB * 2 + 1] = kk + 1 < k ? w[kk + 1] : 0;
     }
   }
-  if (tail) {
-    __m512bh xv[NT];
-    for (int t = 0; t < NT; ++t) xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(tail, X + t * ldx + kv);
-    for (int j = 0; j < R; ++j) {
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, W + (r + j) * ldw + kv);
-      for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_dpbf16_ps(acc[j][t], wv, xv[t]);
-    }
-  }
-  for (int t = 0; t < NT; ++t)
-    for (int j = 0; j < R; ++j) {
-      float* y = Y + t * ldy;
-      float s = _mm512_reduce_add_ps(acc[j][t]);
-      if (bias) s += bias[r + j];
-      y[r + j] = accumulate ? y[r + j] + s : s;
-    }
 }
 
-// Rows [r0, r1) for NT inputs: R rows at a time, then one at a time.
-template <int R, int NT>
-void dot_rows(const uint16_t* W, int64_t ldw, const uint16_t* X, int64_t ldx, int64_t k, float* Y, int64_t ldy,
-              const float* bias, bool accumulate, int64_t r0, int64_t r1, L2Prefetch& pf) {
-  int64_t r = r0;
-  for (; r + R <= r1; r += R) dot_block<R, NT>(W, ldw, X, ldx, k, Y, ldy, bias, accumulate, r, pf);
-  for (; r < r1; ++r) dot_block<1, NT>(W, ldw, X, ldx, k, Y, ldy, bias, accumulate, r, pf);
+// One panel (k from kc, `pairs` pairs) against all T rows of X16 (stride k2), into C's first min(valid, 32) columns.
+template <bool kPrefetch>
+void panel_rows(const uint16_t* X16, int64_t T, int64_t k2, int64_t kc, const uint16_t* panel, int64_t pairs,
+                float* C, int64_t ldc, bool accumulate, const float* bias, int64_t valid, L2Prefetch& pf) {
+  const __mmask16 m0 = __mmask16(valid >= 16 ? 0xffff : (1u << valid) - 1u);
+  const __mmask16 m1 = __mmask16(valid <= 16 ? 0 : valid >= 32 ? 0xffff : (1u << (valid - 16)) - 1u);
+  for (int64_t t = 0; t < T; t += kRows)
+    micro_dispatch<kRows, kPrefetch>(int(std::min<int64_t>(kRows, T - t)), X16 + t * k2 + kc, k2, panel, pairs,
+                                     C + t * ldc, ldc, kc == 0, accumulate, bias, m0, m1, pf);
 }
 
 }  // namespace
-
-void prepare_x_bf16_dot(const float* x, int64_t k, float* xs) {
-  uint16_t* d = reinterpret_cast<uint16_t*>(xs);  // k bf16 in the first half of the input's k floats
-  for (int64_t i = 0; i < k; ++i) d[i] = f32_to_bf16(x[i]);
-}
-
-void gemv_bf16_dot(const uint16_t* W, int64_t ldw, const float* X, const float* XS, int64_t ldx, int64_t nx,
-                   int64_t k, float* Y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
-  const uint16_t* xs = reinterpret_cast<const uint16_t*>(XS);
-  const int64_t ldx16 = 2 * ldx;  // each input's bf16 values start its row of ldx floats
-  // 4 rows x up to 6 inputs in registers (each weight vector loaded once for up to 6 inputs), the inputs in groups
-  // as even as possible. Rows go in slices of about 64 KB that stay in L2 while every group passes over them, and
-  // the next slice is prefetched into L2 meanwhile: streamed by the blocks' own loads instead, W came from memory at
-  // a fraction of the bandwidth, more so the more FMAs per byte (Zen 4, 1.5B, 2 threads, a decode step of B
-  // sequences, medians of runs alternating with the same slices unprefetched: B=8 166 -> 122 ms; against the
-  // earlier kernel, 8 rows streamed per input group: B=1 110 -> 103 ms, B=16 268 -> 180-205 ms).
-  constexpr int64_t kInputs = 6;
-  const int64_t slice = std::max<int64_t>(4, kSliceBytes / std::max<int64_t>(2 * ldw, 1) / 4 * 4);
-  const int64_t groups = (nx + kInputs - 1) / kInputs;
-  for (int64_t s = r0; s < r1; s += slice) {
-    const int64_t e = std::min(r1, s + slice);
-    L2Prefetch pf = L2Prefetch::spread(W + e * ldw, W + std::min(r1, e + slice) * ldw,
-                                       (e - s + 3) / 4 * groups * std::max<int64_t>(1, k / 32));
-    for (int64_t t = 0, g = 0; t < nx; ++g) {
-      const int64_t m = (nx - t) / (groups - g);
-      const uint16_t* x = xs + t * ldx16;
-      float* y = Y + t * ldy;
-      t += m;
-      switch (m) {
-        case 1: dot_rows<4, 1>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e, pf); break;
-        case 2: dot_rows<4, 2>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e, pf); break;
-        case 3: dot_rows<4, 3>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e, pf); break;
-        case 4: dot_rows<4, 4>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e, pf); break;
-        case 5: dot_rows<4, 5>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e, pf); break;
-        default: dot_rows<4, 6>(W, ldw, x, ldx16, k, y, ldy, bias, accumulate, s, e, pf); break;
-      }
-    }
-  }
-}
 
 void round_rows_bf16(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, uint16_t* X16) {
   const int64_t k2 = k + (k & 1);
@@ -190,42 +148,38 @@ void round_rows_bf16(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_
   }
 }
 
+void pack_bf16_block(const uint16_t* W, int64_t ldw, int64_t valid, int64_t k, uint16_t* block) {
+  const int64_t k2 = k + (k & 1);
+  for (int64_t kc = 0; kc < k2; kc += kKC) pack_panel(W, ldw, valid, k, kc, block + kc * kNB);
+}
+
+void gemm_bf16_panels(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* P, int64_t n, float* C,
+                      int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1) {
+  const int64_t k2 = k + (k & 1), calls = (T + kRows - 1) / kRows;
+  // The panels of [n0, n1) lie one after the other; the next one is brought into L2 while the rows pass over this
+  // one (Zen 4, 2 threads, 8960 x 1536 from memory: T=16 240 -> 350 GFLOP/s).
+  const uint16_t* range_end = P + (n1 + kNB - 1) / kNB * kNB * k2;
+  for (int64_t nb = n0; nb < n1; nb += kNB)
+    for (int64_t kc = 0; kc < k2; kc += kKC) {
+      const int64_t pairs = std::min(kKC, k2 - kc) / 2;
+      const uint16_t* panel = P + nb * k2 + kc * kNB;
+      const uint16_t* next = panel + pairs * 2 * kNB;
+      L2Prefetch pf = L2Prefetch::spread(next, std::min(next + kKC * kNB, range_end), calls * ((pairs + 3) / 4));
+      panel_rows<true>(X16, T, k2, kc, panel, pairs, C + nb, ldc, accumulate, bias ? bias + nb : nullptr, n - nb, pf);
+    }
+}
+
 void gemm_bf16_cols(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* W, int64_t ldw, float* C,
                     int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1, uint16_t* panel) {
   const int64_t k2 = k + (k & 1);
-  for (int64_t nb = n0; nb < n1; nb += kNB) {
-    const int64_t valid = std::min(kNB, n1 - nb);
-    const __mmask16 m0 = __mmask16(valid >= 16 ? 0xffff : (1u << valid) - 1u);
-    const __mmask16 m1 = __mmask16(valid <= 16 ? 0 : valid >= 32 ? 0xffff : (1u << (valid - 16)) - 1u);
+  L2Prefetch none;
+  for (int64_t nb = n0; nb < n1; nb += kNB)
     for (int64_t kc = 0; kc < k2; kc += kKC) {
-      const int64_t len = std::min(kKC, k2 - kc), pairs = len / 2;
-      // panel[p][j][0..1] = W[nb + j][kc + 2p .. kc + 2p + 1], zero past the matrix. Each (p, j) is one 32-bit
-      // pair of row j, so packing is a transpose of 32-bit elements: 16x16 blocks in registers where the block is
-      // whole, element by element at the edges.
-      int64_t p_fast = 0;
-      if (valid == kNB) {
-        p_fast = std::max<int64_t>(0, std::min(pairs, (k - kc) / 2)) / 16 * 16;
-        for (int64_t p0 = 0; p0 < p_fast; p0 += 16)
-          for (int64_t j0 = 0; j0 < kNB; j0 += 16) pack_16x16(W + (nb + j0) * ldw + kc + 2 * p0, ldw, panel, p0, j0);
-      }
-      for (int64_t j = 0; j < kNB; ++j) {
-        uint16_t* dst = panel + j * 2;
-        if (j >= valid) {
-          for (int64_t p = p_fast; p < pairs; ++p) dst[p * kNB * 2] = dst[p * kNB * 2 + 1] = 0;
-          continue;
-        }
-        const uint16_t* w = W + (nb + j) * ldw;
-        for (int64_t p = p_fast; p < pairs; ++p) {
-          const int64_t kk = kc + 2 * p;
-          dst[p * kNB * 2] = w[kk];
-          dst[p * kNB * 2 + 1] = kk + 1 < k ? w[kk + 1] : 0;
-        }
-      }
-      for (int64_t t = 0; t < T; t += kRows)
-        micro_dispatch<kRows>(int(std::min<int64_t>(kRows, T - t)), X16 + t * k2 + kc, k2, panel, pairs,
-                              C + t * ldc + nb, ldc, kc == 0, accumulate, bias ? bias + nb : nullptr, m0, m1);
+      const int64_t pairs = std::min(kKC, k2 - kc) / 2;
+      pack_panel(W + nb * ldw, ldw, std::min(kNB, n1 - nb), k, kc, panel);
+      panel_rows<false>(X16, T, k2, kc, panel, pairs, C + nb, ldc, accumulate, bias ? bias + nb : nullptr, n1 - nb,
+                        none);
     }
-  }
 }
 
 }  // namespace qwen

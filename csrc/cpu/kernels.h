@@ -18,9 +18,9 @@ struct CpuKernels {
   // read from memory once for all of them.
   void (*gemv_f32)(const float* W, int64_t ldw, const float* X, int64_t ldx, int64_t nx, int64_t k, float* Y,
                    int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
-  // The same for bf16 W. XS holds each input rearranged by prepare_x_bf16 (stride ldx): the AVX-512 path widens
-  // bf16 pairs in place (even elements by a shift, odd ones by a mask), so it wants x's even and odd elements apart;
-  // avx512+bf16 rounds x to bf16 (stored as bf16 in the row's first half) for VDPBF16PS, as its batched GEMM does.
+  // The same for bf16 W (kernel sets without gemm_bf16_panels). XS holds each input rearranged by prepare_x_bf16
+  // (stride ldx): the AVX-512 path widens bf16 pairs in place (even elements by a shift, odd ones by a mask), so it
+  // wants x's even and odd elements apart.
   void (*prepare_x_bf16)(const float* x, int64_t k, float* xs);
   void (*gemv_bf16)(const uint16_t* W, int64_t ldw, const float* X, const float* XS, int64_t ldx, int64_t nx,
                     int64_t k, float* Y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
@@ -61,11 +61,19 @@ struct CpuKernels {
   // rows where that is faster: float32 through sgemm without VNNI, bf16 through the VDPBF16PS GEMM with AVX512-BF16.
   int64_t quant_dot_rows;
 
-  // Batched matmul with bf16 inputs and float32 accumulation (AVX512-BF16; nullptr elsewhere).
+  // bf16 weights as panels, bf16 inputs, float32 sums (AVX512-BF16; nullptr elsewhere): every bf16 matmul, any
+  // number of rows (bf16_panel_at below is the layout).
   // round_rows_bf16: X16[r] = bf16(X[r]) for rows [r0, r1), each row padded to an even length k2 with a zero.
-  // gemm_bf16_cols: C[:, n0:n1] (=|+=) X16 · W[n0:n1]ᵀ (+ bias) for all T rows; `panel` holds
-  // gemm_bf16_panel_elems() bf16 of per-thread scratch.
+  // pack_bf16_block: rows 0..valid-1 of W (stride ldw, k columns) into one 32-row block of panels, rows past valid
+  // and the pad column zero.
+  // gemm_bf16_panels: C[:, n0:n1] (=|+=) X16 · W[n0:n1]ᵀ (+ bias) for all T rows, W (n, k) as panels, n0 a multiple
+  // of 32. Each output is one float32 lane summed over k's pairs in order, so a row's result does not depend on T.
   void (*round_rows_bf16)(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, uint16_t* X16);
+  void (*pack_bf16_block)(const uint16_t* W, int64_t ldw, int64_t valid, int64_t k, uint16_t* block);
+  void (*gemm_bf16_panels)(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* P, int64_t n, float* C,
+                           int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1);
+  // gemm_bf16_cols: the same for W as plain bf16 rows (stride ldw; quantized weights' tiles), each panel packed as
+  // it is needed into `panel`, kBf16PanelCols * kBf16PanelK bf16 of per-thread scratch.
   void (*gemm_bf16_cols)(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* W, int64_t ldw, float* C,
                          int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1, uint16_t* panel);
 };
@@ -91,9 +99,16 @@ struct L2Prefetch {
 };
 constexpr int64_t kSliceBytes = int64_t(64) << 10;  // weight rows per slice: about this many bytes
 
-// The bf16 GEMM's weight panel: kBf16PanelCols output columns × kBf16PanelK of k (32 KB, resident in L1).
+// bf16 weights for VDPBF16PS, as its micro-kernel reads them: blocks of kBf16PanelCols = 32 rows (the last padded
+// with zero rows), each block k2 = k rounded up to even columns (a zero pad) cut into panels of kBf16PanelK = 512
+// columns (32 KB; the last narrower), a panel pair by pair: pair p of rows 0..31 of the block, 32 bits each.
 constexpr int64_t kBf16PanelCols = 32, kBf16PanelK = 512;
-constexpr int64_t gemm_bf16_panel_elems() { return kBf16PanelCols * kBf16PanelK; }
+// Index of element (r, i) of an n x k matrix in that layout.
+inline int64_t bf16_panel_at(int64_t k, int64_t r, int64_t i) {
+  const int64_t k2 = k + (k & 1);
+  return (r / kBf16PanelCols) * kBf16PanelCols * k2 + (i / kBf16PanelK) * kBf16PanelK * kBf16PanelCols +
+         (i % kBf16PanelK) / 2 * (2 * kBf16PanelCols) + (r % kBf16PanelCols) * 2 + (i & 1);
+}
 
 // What CPUID reports (x86; all false elsewhere), and the CPU's name.
 struct CpuFeatures {

@@ -17,21 +17,21 @@ const CpuKernels& cpu_kernels_generic();
 const CpuKernels& cpu_kernels_avx2();
 const CpuKernels& cpu_kernels_avx512();
 void round_rows_bf16(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, uint16_t* X16);
-void prepare_x_bf16_dot(const float* x, int64_t k, float* xs);
-void gemv_bf16_dot(const uint16_t* W, int64_t ldw, const float* X, const float* XS, int64_t ldx, int64_t nx,
-                   int64_t k, float* Y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
+void pack_bf16_block(const uint16_t* W, int64_t ldw, int64_t valid, int64_t k, uint16_t* block);
+void gemm_bf16_panels(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* P, int64_t n, float* C,
+                      int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1);
 void gemm_bf16_cols(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* W, int64_t ldw, float* C,
                     int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1, uint16_t* panel);
 
-// AVX-512 plus bf16 dot products (VDPBF16PS) on bf16-rounded inputs: the GEMM for batched passes, the GEMV for
-// decode rows.
+// AVX-512 plus bf16 dot products (VDPBF16PS) on bf16-rounded inputs: bf16 weights as panels, one kernel for any
+// number of rows.
 static const CpuKernels& cpu_kernels_avx512_bf16() {
   static const CpuKernels k = [] {
     CpuKernels t = cpu_kernels_avx512();
     t.isa = "avx512+bf16";
-    t.prepare_x_bf16 = prepare_x_bf16_dot;
-    t.gemv_bf16 = gemv_bf16_dot;
     t.round_rows_bf16 = round_rows_bf16;
+    t.pack_bf16_block = pack_bf16_block;
+    t.gemm_bf16_panels = gemm_bf16_panels;
     t.gemm_bf16_cols = gemm_bf16_cols;
     // Quantized runs beyond 64 rows: bf16 tiles through the GEMM (Zen 4, 1.5B, 2 threads, one pass of T prompt
     // rows, tiles against integers: int4 T=48 82 vs 96 tok/s, T=64 94 vs 94, T=128 110 vs 100, T=512 109 vs 85;

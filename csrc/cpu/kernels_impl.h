@@ -1199,7 +1199,7 @@ constexpr int64_t kQuantDotRows = 96;
 static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, prepare_x_bf16, gemv_bf16, bf16_to_f32, rmsnorm_row,
                                     silu_mul_row, attend, quantize_row, quantize_x, gemm_q8, gemm_coded<4>,
                                     gemm_coded<6>, dequant_q8, dequant_coded<4>, dequant_coded<6>, kQuantDotRows,
-                                    nullptr, nullptr};
+                                    nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace QWEN_KERNELS_NS
 }  // namespace qwen
