@@ -79,7 +79,7 @@ struct CpuKernels {
 };
 
 // Several-input GEMVs take the weight rows in slices that stay in L2 while every input passes over them, and bring
-// the next slice into L2 meanwhile: `per_step` cache lines each time step() is called, from p up to end. Left to
+// the next slice into L2 meanwhile (the bf16 panel kernel its next panel): `per_step` cache lines each time step() is called, from p up to end. Left to
 // the blocks' own loads, the weights came from memory at a fraction of the bandwidth once each byte fed several
 // inputs' FMAs (the hardware prefetchers do not run far enough ahead of them).
 struct L2Prefetch {
