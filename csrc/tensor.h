@@ -116,8 +116,8 @@ struct Weight {
   Tensor data;  // plain: (rows, cols) of format_dtype(format); quantized: U8 (blocks, quant_block_bytes)
   Format format = Format::F32;
   int64_t n = 0, k = 0;  // rows and columns of the matrix it stands for
-  // bf16 stored as the CPU's VDPBF16PS kernel reads it (cpu/kernels.h: 32-row blocks of panels, data (blocks,
-  // 32 * even k)) instead of plain rows; the CPU backend's choice, on CPUs with AVX512-BF16.
+  // bf16 stored as the CPU's panel kernels read it (cpu/kernels.h: 32-row blocks of panels, data (blocks,
+  // 32 * even k)) instead of plain rows; the CPU backend's choice, on CPUs with AVX-512.
   bool panels = false;
 
   int64_t rows() const { return n; }

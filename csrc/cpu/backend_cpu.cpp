@@ -95,15 +95,18 @@ class CpuBackend final : public Backend {
 #else
     const std::string sgemm = "built-in sgemm";
 #endif
-    return std::string("cpu (") + K_.isa + ", " + std::to_string(pool_.size()) + " threads; one row: " + K_.isa +
-           " GEMV; several rows: float32 " + sgemm + ", bfloat16 " +
-           (K_.gemm_bf16_panels ? "VDPBF16PS on bf16-rounded inputs (every bf16 matmul)"
-                                : "tiles widened to float32 + " + sgemm) +
+    const std::string bf16 =
+        K_.gemm_bf16_cols     ? "bfloat16: panels, VDPBF16PS on bf16-rounded inputs, any rows"
+        : K_.gemm_bf16_panels ? "bfloat16: panels widened to float32 in registers, any rows"
+                              : std::string("bfloat16: one row the ") + K_.isa +
+                                    " GEMV, several tiles widened to float32 + " + sgemm;
+    return std::string("cpu (") + K_.isa + ", " + std::to_string(pool_.size()) + " threads; " + bf16 +
+           "; float32: one row the " + K_.isa + " GEMV, several " + sgemm +
            "; int8/int4: integer dot products with the inputs quantized to int8, " +
            (K_.quant_dot_rows == std::numeric_limits<int64_t>::max()
                 ? std::string("any number of rows")
                 : "up to " + std::to_string(K_.quant_dot_rows) + " rows, then tiles " +
-                      (K_.gemm_bf16_panels ? std::string("rounded to bf16 + VDPBF16PS")
+                      (K_.gemm_bf16_cols ? std::string("rounded to bf16 + VDPBF16PS")
                                          : "widened to float32 + " + sgemm)) +
            ")";
   }
@@ -135,11 +138,10 @@ class CpuBackend final : public Backend {
   Weight alloc_weight(Format f, int64_t rows, int64_t cols) override {
     const int64_t k2 = cols + (cols & 1);
     const bool panels = f == Format::BF16 && K_.gemm_bf16_panels;
-    if (f == Format::BF16 && !panels && size_t(cols) > xs_.size()) xs_.resize(size_t(cols));
-    if (panels && size_t(k2) > x16_.size()) x16_.resize(size_t(k2));
-    if ((f == Format::BF16 || is_quantized(f)) && !K_.gemm_bf16_panels)  // batched passes widen tiles to float32
+    if (panels && size_t(k2) > xp_.size()) xp_.resize(size_t(k2));
+    if ((f == Format::BF16 && !panels) || (is_quantized(f) && !K_.gemm_bf16_cols))  // passes widen tiles to float32
       for (auto& t : tiles_) t.resize(std::max(t.size(), size_t(kTileFloats)));
-    if (is_quantized(f) && K_.gemm_bf16_panels)  // long quantized runs: a row widened, then bf16 tiles of rows
+    if (is_quantized(f) && K_.gemm_bf16_cols)  // long quantized runs: a row widened, then bf16 tiles of rows
       for (size_t i = 0; i < tiles_.size(); ++i) {
         tiles_[i].resize(std::max(tiles_[i].size(), size_t(cols)));
         tiles16_[i].resize(std::max(tiles16_[i].size(), size_t(kQuantTileRows * k2)));
@@ -311,21 +313,12 @@ class CpuBackend final : public Backend {
     const float* b = bias ? bias->ptr<float>() : nullptr;
     if (is_quantized(weight.format)) return matmul_quantized(out, x, weight, b, accumulate);  // rows independent
     if (weight.panels) return gemm_panels(out, x, weight, b, accumulate);                     // rows independent
-    if (weight.format == Format::BF16) {
-      if (xs_.size() < size_t(T * k)) xs_.resize(size_t(T * k));  // several sequences: grows once
-      for (int64_t t = 0; t < T; ++t) K_.prepare_x_bf16(x.row<float>(t), k, xs_.data() + t * k);
-    }
     pool_.parallel_for(n, kRowAlign, [&](int64_t r0, int64_t r1, int) {
-      if (weight.format == Format::F32) {
+      if (weight.format == Format::F32)
         K_.gemv_f32(w.ptr<float>(), w.ld, x.ptr<float>(), x.ld, T, k, out.ptr<float>(), out.ld, b, accumulate, r0, r1);
-      } else if (x.ld == k) {
-        K_.gemv_bf16(w.ptr<uint16_t>(), w.ld, x.ptr<float>(), xs_.data(), k, T, k, out.ptr<float>(), out.ld, b,
-                     accumulate, r0, r1);
-      } else {  // inputs with a wider stride than the rearranged copies: one at a time
-        for (int64_t t = 0; t < T; ++t)
-          K_.gemv_bf16(w.ptr<uint16_t>(), w.ld, x.row<float>(t), xs_.data() + t * k, k, 1, k, out.row<float>(t), 0, b,
-                       accumulate, r0, r1);
-      }
+      else
+        K_.gemv_bf16(w.ptr<uint16_t>(), w.ld, x.ptr<float>(), x.ld, T, k, out.ptr<float>(), out.ld, b, accumulate, r0,
+                     r1);
     });
   }
 
@@ -349,7 +342,7 @@ class CpuBackend final : public Backend {
 
   void gemm_run(const Tensor& out, const Tensor& x, const Weight& weight, const float* b, bool accumulate) {
     const Tensor& w = weight.data;
-    if (is_quantized(weight.format) && K_.gemm_bf16_panels) return gemm_quant_bf16(out, x, weight, b, accumulate);
+    if (is_quantized(weight.format) && K_.gemm_bf16_cols) return gemm_quant_bf16(out, x, weight, b, accumulate);
     if (weight.format == Format::F32) gemm_f32(out, x, w, b, accumulate);
     else gemm_widened(out, x, weight, b, accumulate);
   }
@@ -458,13 +451,13 @@ class CpuBackend final : public Backend {
     }, /*chunks_per_thread=*/2);
   }
 
-  // bf16 weights as panels (CPUs with AVX512-BF16), any number of rows: the inputs rounded to bf16 once.
+  // bf16 weights as panels (AVX-512), any number of rows: the inputs prepared once (rounded to bf16 for VDPBF16PS).
   void gemm_panels(const Tensor& out, const Tensor& x, const Weight& weight, const float* b, bool accumulate) {
     const int64_t T = x.rows, n = weight.rows(), k = weight.cols(), k2 = k + (k & 1);
-    if (x16_.size() < size_t(T * k2)) x16_.resize(size_t(T * k2));  // several rows: grows once
-    for_rows(T, [&](int64_t t) { K_.round_rows_bf16(x.ptr<float>(), x.ld, t, t + 1, k, x16_.data()); });
+    if (xp_.size() < size_t(T * k2)) xp_.resize(size_t(T * k2));  // several rows: grows once
+    for_rows(T, [&](int64_t t) { K_.panel_inputs(x.ptr<float>(), x.ld, t, t + 1, k, xp_.data()); });
     pool_.parallel_for(n, kBf16PanelCols, [&](int64_t r0, int64_t r1, int) {
-      K_.gemm_bf16_panels(x16_.data(), T, k, weight.data.ptr<uint16_t>(), n, out.ptr<float>(), out.ld, b, accumulate,
+      K_.gemm_bf16_panels(xp_.data(), T, k, weight.data.ptr<uint16_t>(), n, out.ptr<float>(), out.ld, b, accumulate,
                           r0, r1);
     });
   }
@@ -532,10 +525,10 @@ class CpuBackend final : public Backend {
   std::vector<std::pair<void*, size_t>> allocations_;
   std::vector<std::vector<float>> scratch_;  // per thread: attention scores
   std::vector<std::vector<float>> tiles_;    // per thread: widened bf16 weight tiles
-  std::vector<uint16_t> x16_;               // bf16 panels: the input rounded to bf16 (T × even k)
+  std::vector<float> xp_;                   // bf16 panels: the inputs as panel_inputs makes them (T × even k)
+  std::vector<uint16_t> x16_;               // quantized tiles: the input rounded to bf16 (T × even k)
   std::vector<std::vector<uint16_t>> tiles16_;  // per thread: quantized rows as bf16 for the bf16 GEMM
   std::vector<std::vector<uint16_t>> panels_;   // per thread: the panel of a tile the bf16 GEMM packs as it goes
-  std::vector<float> xs_;                    // the decode input rearranged for the bf16 GEMV (widest bf16 matrix)
   std::vector<int8_t> qx_;                   // the decode input quantized for the Q8/Q4 GEMVs: levels,
   std::vector<float> sx_, xsum_;             // steps and sums per group (widest quantized matrix)
   Rows rows_;                                  // of the current pass

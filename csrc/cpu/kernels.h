@@ -18,12 +18,9 @@ struct CpuKernels {
   // read from memory once for all of them.
   void (*gemv_f32)(const float* W, int64_t ldw, const float* X, int64_t ldx, int64_t nx, int64_t k, float* Y,
                    int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
-  // The same for bf16 W (kernel sets without gemm_bf16_panels). XS holds each input rearranged by prepare_x_bf16
-  // (stride ldx): the AVX-512 path widens bf16 pairs in place (even elements by a shift, odd ones by a mask), so it
-  // wants x's even and odd elements apart.
-  void (*prepare_x_bf16)(const float* x, int64_t k, float* xs);
-  void (*gemv_bf16)(const uint16_t* W, int64_t ldw, const float* X, const float* XS, int64_t ldx, int64_t nx,
-                    int64_t k, float* Y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
+  // The same for bf16 W (the kernel sets without gemm_bf16_panels).
+  void (*gemv_bf16)(const uint16_t* W, int64_t ldw, const float* X, int64_t ldx, int64_t nx, int64_t k, float* Y,
+                    int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1);
   // dst[i] = float(src[i])
   void (*bf16_to_f32)(const uint16_t* src, float* dst, int64_t n);
   // out = x / sqrt(mean(x^2) + eps) * w
@@ -61,19 +58,24 @@ struct CpuKernels {
   // rows where that is faster: float32 through sgemm without VNNI, bf16 through the VDPBF16PS GEMM with AVX512-BF16.
   int64_t quant_dot_rows;
 
-  // bf16 weights as panels, bf16 inputs, float32 sums (AVX512-BF16; nullptr elsewhere): every bf16 matmul, any
-  // number of rows (bf16_panel_at below is the layout).
-  // round_rows_bf16: X16[r] = bf16(X[r]) for rows [r0, r1), each row padded to an even length k2 with a zero.
+  // bf16 weights as panels (AVX-512; nullptr elsewhere): every bf16 matmul, any number of rows (bf16_panel_at below
+  // is the layout). The sums are float32, each output one lane summed over k's pairs in order, so a row's result
+  // does not depend on T.
+  // panel_inputs: rows [r0, r1) of X into Xp (stride k2 = k rounded up to even, a zero pad): rounded to bf16 for
+  // VDPBF16PS (avx512+bf16), float32 as they are where the weights are widened in registers (avx512).
   // pack_bf16_block: rows 0..valid-1 of W (stride ldw, k columns) into one 32-row block of panels, rows past valid
   // and the pad column zero.
-  // gemm_bf16_panels: C[:, n0:n1] (=|+=) X16 · W[n0:n1]ᵀ (+ bias) for all T rows, W (n, k) as panels, n0 a multiple
-  // of 32. Each output is one float32 lane summed over k's pairs in order, so a row's result does not depend on T.
-  void (*round_rows_bf16)(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, uint16_t* X16);
+  // gemm_bf16_panels: C[:, n0:n1] (=|+=) Xp · W[n0:n1]ᵀ (+ bias) for all T rows, W (n, k) as panels, n0 a multiple
+  // of 32.
+  void (*panel_inputs)(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, void* Xp);
   void (*pack_bf16_block)(const uint16_t* W, int64_t ldw, int64_t valid, int64_t k, uint16_t* block);
-  void (*gemm_bf16_panels)(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* P, int64_t n, float* C,
+  void (*gemm_bf16_panels)(const void* Xp, int64_t T, int64_t k, const uint16_t* P, int64_t n, float* C,
                            int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1);
-  // gemm_bf16_cols: the same for W as plain bf16 rows (stride ldw; quantized weights' tiles), each panel packed as
-  // it is needed into `panel`, kBf16PanelCols * kBf16PanelK bf16 of per-thread scratch.
+  // Quantized weights' long runs through VDPBF16PS (AVX512-BF16; nullptr elsewhere). round_rows_bf16: X16[r] =
+  // bf16(X[r]) for rows [r0, r1), each padded to k2 with a zero. gemm_bf16_cols: as gemm_bf16_panels for W as plain
+  // bf16 rows (stride ldw: tiles of dequantized rows), each panel packed as it is needed into `panel`,
+  // kBf16PanelCols * kBf16PanelK bf16 of per-thread scratch.
+  void (*round_rows_bf16)(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, uint16_t* X16);
   void (*gemm_bf16_cols)(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* W, int64_t ldw, float* C,
                          int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1, uint16_t* panel);
 };

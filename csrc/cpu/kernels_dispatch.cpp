@@ -17,21 +17,21 @@ const CpuKernels& cpu_kernels_generic();
 const CpuKernels& cpu_kernels_avx2();
 const CpuKernels& cpu_kernels_avx512();
 void round_rows_bf16(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, uint16_t* X16);
-void pack_bf16_block(const uint16_t* W, int64_t ldw, int64_t valid, int64_t k, uint16_t* block);
-void gemm_bf16_panels(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* P, int64_t n, float* C,
-                      int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1);
+void panel_inputs_bf16(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, void* Xp);
+void gemm_bf16_panels(const void* Xp, int64_t T, int64_t k, const uint16_t* P, int64_t n, float* C, int64_t ldc,
+                      const float* bias, bool accumulate, int64_t n0, int64_t n1);
 void gemm_bf16_cols(const uint16_t* X16, int64_t T, int64_t k, const uint16_t* W, int64_t ldw, float* C,
                     int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1, uint16_t* panel);
 
-// AVX-512 plus bf16 dot products (VDPBF16PS) on bf16-rounded inputs: bf16 weights as panels, one kernel for any
-// number of rows.
+// AVX-512 plus bf16 dot products (VDPBF16PS) on bf16-rounded inputs: the AVX-512 set's panels (the same layout and
+// packing) through VDPBF16PS instead of widened FMAs, and quantized weights' long runs through it too.
 static const CpuKernels& cpu_kernels_avx512_bf16() {
   static const CpuKernels k = [] {
     CpuKernels t = cpu_kernels_avx512();
     t.isa = "avx512+bf16";
-    t.round_rows_bf16 = round_rows_bf16;
-    t.pack_bf16_block = pack_bf16_block;
+    t.panel_inputs = panel_inputs_bf16;
     t.gemm_bf16_panels = gemm_bf16_panels;
+    t.round_rows_bf16 = round_rows_bf16;
     t.gemm_bf16_cols = gemm_bf16_cols;
     // Quantized runs beyond 64 rows: bf16 tiles through the GEMM (Zen 4, 1.5B, 2 threads, one pass of T prompt
     // rows, tiles against integers: int4 T=48 82 vs 96 tok/s, T=64 94 vs 94, T=128 110 vs 100, T=512 109 vs 85;

@@ -14,6 +14,9 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__)
+#include "cpu/panels_impl.h"
+#endif
 
 namespace qwen {
 namespace QWEN_KERNELS_NS {
@@ -110,54 +113,11 @@ static void gemv_f32_one(const float* W, int64_t ldw, const float* x, int64_t k,
   for (; r < r1; ++r) finish_row(y, r, dot(W + r * ldw, x, k), bias, accumulate);
 }
 
-// Width of the even/odd blocks prepare_x_bf16 makes: one vector register of bf16 pairs (AVX-512 only: the AVX2
-// path widens with a zero-extension and reads x as it is).
-#if defined(__AVX512F__)
-constexpr int64_t kPairBlock = 32;
-#else
-constexpr int64_t kPairBlock = 1;
-#endif
-
-static void prepare_x_bf16(const float* x, int64_t k, float* xs) {
-  const int64_t kb = kPairBlock > 1 ? k / kPairBlock * kPairBlock : 0, h = kPairBlock / 2;
-  for (int64_t b = 0; b < kb; b += kPairBlock)
-    for (int64_t i = 0; i < h; ++i) {
-      xs[b + i] = x[b + 2 * i];
-      xs[b + h + i] = x[b + 2 * i + 1];
-    }
-  for (int64_t i = kb; i < k; ++i) xs[i] = x[i];
-}
-
-// AVX-512: a 32-bit lane holding bf16 pair (w[2i], w[2i+1]) is w[2i+1] as f32 once its low half is masked off, and
-// w[2i] once shifted left 16: two cheap in-lane ops per 32 weights, no lane-crossing widening; 8 rows share each x
-// load, every row with its own even/odd accumulators. AVX2: see below.
-static void gemv_bf16_one(const uint16_t* W, int64_t ldw, const float* x, const float* xs, int64_t k, float* y,
-                          const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+// bf16 rows for the kernel sets without panels (AVX-512 keeps bf16 weights as panels: F32Inputs below).
+static void gemv_bf16_one(const uint16_t* W, int64_t ldw, const float* x, int64_t k, float* y, const float* bias,
+                          bool accumulate, int64_t r0, int64_t r1) {
   int64_t r = r0;
-  [[maybe_unused]] const int64_t kb = kPairBlock > 1 ? k / kPairBlock * kPairBlock : 0;
-#if defined(__AVX512F__)
-  const __m512i hi_mask = _mm512_set1_epi32(int32_t(0xffff0000u));
-  constexpr int R = 8;  // 8 rows: more memory streams in flight per x load; 16 accumulators fit in 32 zmm
-  for (; r + R <= r1; r += R) {
-    const uint16_t* w[R];
-    for (int j = 0; j < R; ++j) w[j] = W + (r + j) * ldw;
-    __m512 ae[R], ao[R];
-    for (int j = 0; j < R; ++j) ae[j] = ao[j] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < kb; i += 32) {
-      const __m512 xe = _mm512_loadu_ps(xs + i), xo = _mm512_loadu_ps(xs + i + 16);
-      for (int j = 0; j < R; ++j) {
-        const __m512i v = _mm512_loadu_si512((const void*)(w[j] + i));
-        ae[j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, ae[j]);
-        ao[j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi_mask)), xo, ao[j]);
-      }
-    }
-    for (int j = 0; j < R; ++j) {
-      float s = hsum(_mm512_add_ps(ae[j], ao[j]));
-      for (int64_t i = kb; i < k; ++i) s += bf16f(w[j][i]) * x[i];
-      finish_row(y, r + j, s, bias, accumulate);
-    }
-  }
-#elif defined(__AVX2__)
+#if defined(__AVX2__) && !defined(__AVX512F__)
   // Eight bf16 zero-extended to 32-bit lanes and shifted up are eight floats in x's own order. Eight rows share each
   // x load: on Zen 3 that streams 3 KB rows about a quarter faster than four rows of shift/mask pairs did (bf16
   // rows are half as long as float32 ones, and more streams in flight make up for it).
@@ -184,7 +144,6 @@ static void gemv_bf16_one(const uint16_t* W, int64_t ldw, const float* x, const 
     }
   }
 #endif
-  (void)xs;
   for (; r < r1; ++r) {
     const uint16_t* w = W + r * ldw;
     float s = 0.0f;
@@ -379,18 +338,18 @@ static void gemv_f32(const float* W, int64_t ldw, const float* X, int64_t ldx, i
 #endif
 }
 
-static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* X, const float* XS, int64_t ldx, int64_t nx,
-                      int64_t k, float* Y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
+static void gemv_bf16(const uint16_t* W, int64_t ldw, const float* X, int64_t ldx, int64_t nx, int64_t k, float* Y,
+                      int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if (nx > 1)
     return gemv_many(W, ldw, X, ldx, nx, k, Y, ldy, bias, accumulate, r0, r1, 8, [&](int64_t t, int64_t from) {
-      gemv_bf16_one(W, ldw, X + t * ldx, XS + t * ldx, k, Y + t * ldy, bias, accumulate, from, r1);
+      gemv_bf16_one(W, ldw, X + t * ldx, k, Y + t * ldy, bias, accumulate, from, r1);
     });
 #endif
   const int64_t step = nx == 1 ? r1 - r0 : cached_slice(k * 2);
   for (int64_t s = r0; s < r1; s += step)
     for (int64_t t = 0; t < nx; ++t)
-      gemv_bf16_one(W, ldw, X + t * ldx, XS + t * ldx, k, Y + t * ldy, bias, accumulate, s, std::min(r1, s + step));
+      gemv_bf16_one(W, ldw, X + t * ldx, k, Y + t * ldy, bias, accumulate, s, std::min(r1, s + step));
 }
 
 static void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
@@ -1185,6 +1144,56 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
   });
 }
 
+#if defined(__AVX512F__)
+// bf16 weights as panels (kernels.h), float32 inputs: a 32-bit lane holding bf16 pair (w[2i], w[2i+1]) is w[2i]
+// as a float once shifted left 16 and w[2i+1] once its low half is masked off, so each pair of 16 columns becomes
+// two float vectors by two in-lane ops, shared by up to 12 input rows, and the sums are float32 FMAs in k's order.
+struct F32Inputs {
+  using In = float;
+  template <int R, bool kPrefetch>
+  __attribute__((always_inline)) static void run(const float* x, int64_t ldx, const uint16_t* panel, int64_t pairs,
+                                                 __m512 (&acc)[R][2], L2Prefetch& pf) {
+    const __m512i hi_mask = _mm512_set1_epi32(int32_t(0xffff0000u));
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      panels::prefetch_step<kPrefetch>(p, pf);
+      const __m512i w0 = _mm512_loadu_si512((const void*)(panel + p * 64));
+      const __m512i w1 = _mm512_loadu_si512((const void*)(panel + p * 64 + 32));
+      const __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16));
+      const __m512 o0 = _mm512_castsi512_ps(_mm512_and_si512(w0, hi_mask));
+      const __m512 e1 = _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16));
+      const __m512 o1 = _mm512_castsi512_ps(_mm512_and_si512(w1, hi_mask));
+      for (int r = 0; r < R; ++r) {
+        const __m512 xe = _mm512_set1_ps(x[r * ldx + 2 * p]), xo = _mm512_set1_ps(x[r * ldx + 2 * p + 1]);
+        acc[r][0] = _mm512_fmadd_ps(o0, xo, _mm512_fmadd_ps(e0, xe, acc[r][0]));
+        acc[r][1] = _mm512_fmadd_ps(o1, xo, _mm512_fmadd_ps(e1, xe, acc[r][1]));
+      }
+    }
+  }
+};
+
+static void panel_inputs_f32(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, void* Xp) {
+  const int64_t k2 = k + (k & 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    float* d = static_cast<float*>(Xp) + r * k2;
+    std::memcpy(d, X + r * ldx, size_t(k) * 4);
+    if (k2 != k) d[k] = 0.0f;
+  }
+}
+
+static void pack_bf16_block(const uint16_t* W, int64_t ldw, int64_t valid, int64_t k, uint16_t* block) {
+  panels::pack_block(W, ldw, valid, k, block);
+}
+
+static void gemm_bf16_panels(const void* Xp, int64_t T, int64_t k, const uint16_t* P, int64_t n, float* C,
+                             int64_t ldc, const float* bias, bool accumulate, int64_t n0, int64_t n1) {
+  panels::gemm<F32Inputs>(static_cast<const float*>(Xp), T, k, P, n, C, ldc, bias, accumulate, n0, n1);
+}
+#define QWEN_PANEL_KERNELS panel_inputs_f32, pack_bf16_block, gemm_bf16_panels
+#else
+#define QWEN_PANEL_KERNELS nullptr, nullptr, nullptr
+#endif
+
 // Integer dot products against float32 tiles through sgemm for long quantized runs: without VNNI the integers are
 // faster up to about 96 rows (Zen 3, int4 1.5B: 29-31 tok/s at any length; widened tiles 24 tok/s at 64 rows, 32 at
 // 128, 37 at 256); with VNNI at every length (Zen 4, 1.5B, 512-token prompt: int4 98 tok/s
@@ -1196,10 +1205,11 @@ constexpr int64_t kQuantDotRows = std::numeric_limits<int64_t>::max();
 constexpr int64_t kQuantDotRows = 96;
 #endif
 
-static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, prepare_x_bf16, gemv_bf16, bf16_to_f32, rmsnorm_row,
+static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, gemv_bf16, bf16_to_f32, rmsnorm_row,
                                     silu_mul_row, attend, quantize_row, quantize_x, gemm_q8, gemm_coded<4>,
                                     gemm_coded<6>, dequant_q8, dequant_coded<4>, dequant_coded<6>, kQuantDotRows,
-                                    nullptr, nullptr, nullptr, nullptr};
+                                    QWEN_PANEL_KERNELS, nullptr, nullptr};
+#undef QWEN_PANEL_KERNELS
 
 }  // namespace QWEN_KERNELS_NS
 }  // namespace qwen
