@@ -32,6 +32,23 @@ struct Bf16Inputs {
       }
     }
   }
+  // One row, two panels: acc[0..1] panel a's columns, acc[2..3] panel b's.
+  __attribute__((always_inline)) static void run_two(const uint16_t* x, const uint16_t* pa, const uint16_t* pb,
+                                                     int64_t pairs, __m512 (&acc)[4], L2Prefetch& pf_a,
+                                                     L2Prefetch& pf_b) {
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      panels::prefetch_step<true>(p, pf_a);
+      panels::prefetch_step<true>(p, pf_b);
+      int32_t pair;
+      std::memcpy(&pair, x + 2 * p, 4);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512((const void*)(pa + p * 64)), xb);
+      acc[1] = _mm512_dpbf16_ps(acc[1], (__m512bh)_mm512_loadu_si512((const void*)(pa + p * 64 + 32)), xb);
+      acc[2] = _mm512_dpbf16_ps(acc[2], (__m512bh)_mm512_loadu_si512((const void*)(pb + p * 64)), xb);
+      acc[3] = _mm512_dpbf16_ps(acc[3], (__m512bh)_mm512_loadu_si512((const void*)(pb + p * 64 + 32)), xb);
+    }
+  }
 };
 
 }  // namespace

@@ -1170,6 +1170,24 @@ struct F32Inputs {
       }
     }
   }
+  // One row, two panels: acc[0..1] panel a's columns, acc[2..3] panel b's.
+  __attribute__((always_inline)) static void run_two(const float* x, const uint16_t* pa, const uint16_t* pb,
+                                                     int64_t pairs, __m512 (&acc)[4], L2Prefetch& pf_a,
+                                                     L2Prefetch& pf_b) {
+    const __m512i hi_mask = _mm512_set1_epi32(int32_t(0xffff0000u));
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      panels::prefetch_step<true>(p, pf_a);
+      panels::prefetch_step<true>(p, pf_b);
+      const __m512 xe = _mm512_set1_ps(x[2 * p]), xo = _mm512_set1_ps(x[2 * p + 1]);
+      const uint16_t* src[4] = {pa + p * 64, pa + p * 64 + 32, pb + p * 64, pb + p * 64 + 32};
+      for (int c = 0; c < 4; ++c) {
+        const __m512i w = _mm512_loadu_si512((const void*)src[c]);
+        acc[c] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w, hi_mask)), xo,
+                                 _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), xe, acc[c]));
+      }
+    }
+  }
 };
 
 static void panel_inputs_f32(const float* X, int64_t ldx, int64_t r0, int64_t r1, int64_t k, void* Xp) {

@@ -137,6 +137,21 @@ void panel_rows(const typename M::In* X, int64_t T, int64_t k2, int64_t kc, cons
                                   C + t * ldc, ldc, kc == 0, accumulate, bias, m0, m1, pf);
 }
 
+// One input row against the same panel of two neighbouring blocks (a, b = a + 32 rows): four accumulation chains
+// instead of two, each lane's sum in the same order as panel_rows computes it.
+template <class M>
+__attribute__((noinline)) void micro_two(const typename M::In* x, const uint16_t* pa, const uint16_t* pb,
+                                         int64_t pairs, float* C, bool first, bool accumulate, const float* bias,
+                                         int64_t valid_b, L2Prefetch& pf_a, L2Prefetch& pf_b) {
+  __m512 acc[4];
+  M::run_two(x, pa, pb, pairs, acc, pf_a, pf_b);
+  const __mmask16 m0 = __mmask16(valid_b >= 16 ? 0xffff : (1u << valid_b) - 1u);
+  const __mmask16 m1 = __mmask16(valid_b <= 16 ? 0 : valid_b >= 32 ? 0xffff : (1u << (valid_b - 16)) - 1u);
+  const __m512 a[1][2] = {{acc[0], acc[1]}}, b[1][2] = {{acc[2], acc[3]}};
+  store<1>(a, C, 0, first, accumulate, bias, 0xffff, 0xffff);
+  store<1>(b, C + kNB, 0, first, accumulate, bias ? bias + kNB : nullptr, m0, m1);
+}
+
 // kernels.h's gemm_bf16_panels for micro-kernel M: X (T, k2) prepared by its panel_inputs.
 template <class M>
 void gemm(const typename M::In* X, int64_t T, int64_t k, const uint16_t* P, int64_t n, float* C, int64_t ldc,
@@ -145,7 +160,20 @@ void gemm(const typename M::In* X, int64_t T, int64_t k, const uint16_t* P, int6
   // The panels of [n0, n1) lie one after the other; the next one is brought into L2 while the rows pass over this
   // one (Zen 4, 2 threads, VDPBF16PS, 8960 x 1536 from memory: 16 rows 240 -> 350 GFLOP/s).
   const uint16_t* range_end = P + (n1 + kNB - 1) / kNB * kNB * k2;
-  for (int64_t nb = n0; nb < n1; nb += kNB)
+  int64_t start = n0;
+  if (T == 1)  // one row: blocks two at a time
+    for (; start + kNB < n1; start += 2 * kNB)
+      for (int64_t kc = 0; kc < k2; kc += kKC) {
+        const int64_t pairs = std::min(kKC, k2 - kc) / 2;
+        const uint16_t* pa = P + start * k2 + kc * kNB;
+        const uint16_t* pb = pa + kNB * k2;
+        const uint16_t *na = pa + pairs * 2 * kNB, *nb = pb + pairs * 2 * kNB;
+        L2Prefetch pf_a = L2Prefetch::spread(na, std::min(na + kKC * kNB, range_end), (pairs + 3) / 4);
+        L2Prefetch pf_b = L2Prefetch::spread(nb, std::min(nb + kKC * kNB, range_end), (pairs + 3) / 4);
+        micro_two<M>(X + kc, pa, pb, pairs, C + start, kc == 0, accumulate, bias ? bias + start : nullptr,
+                     n - start - kNB, pf_a, pf_b);
+      }
+  for (int64_t nb = start; nb < n1; nb += kNB)
     for (int64_t kc = 0; kc < k2; kc += kKC) {
       const int64_t pairs = std::min(kKC, k2 - kc) / 2;
       const uint16_t* panel = P + nb * k2 + kc * kNB;
