@@ -468,8 +468,9 @@ class CpuBackend final : public Backend {
   // precisely as a bf16 model's, and at its rate less the dequantizing.
   void gemm_quant_bf16(const Tensor& out, const Tensor& x, const Weight& weight, const float* b, bool accumulate) {
     const int64_t T = x.rows, n = weight.rows(), k = weight.cols(), k2 = k + (k & 1);
-    if (x16_.size() < size_t(T * k2)) x16_.resize(size_t(T * k2));  // batched passes only, grows once
-    for_rows(T, [&](int64_t t) { K_.round_rows_bf16(x.ptr<float>(), x.ld, t, t + 1, k, x16_.data()); });
+    if (xp_.size() < size_t(T * k2)) xp_.resize(size_t(T * k2));  // batched passes only, grows once
+    uint16_t* x16 = reinterpret_cast<uint16_t*>(xp_.data());         // (bf16 in the first half)
+    for_rows(T, [&](int64_t t) { K_.round_rows_bf16(x.ptr<float>(), x.ld, t, t + 1, k, x16); });
     pool_.parallel_for(n, kQuantTileRows, [&](int64_t r0, int64_t r1, int tid) {
       float* row = tiles_[size_t(tid)].data();
       uint16_t* tile = tiles16_[size_t(tid)].data();
@@ -479,7 +480,7 @@ class CpuBackend final : public Backend {
           dequant_row(weight, t0 + r, row);
           K_.round_rows_bf16(row, k, 0, 1, k, tile + r * k2);
         }
-        K_.gemm_bf16_cols(x16_.data(), T, k, tile, k2, out.ptr<float>() + t0, out.ld, b ? b + t0 : nullptr, accumulate,
+        K_.gemm_bf16_cols(x16, T, k, tile, k2, out.ptr<float>() + t0, out.ld, b ? b + t0 : nullptr, accumulate,
                           0, m, panels_[size_t(tid)].data());
       }
     }, /*chunks_per_thread=*/4);
@@ -525,8 +526,7 @@ class CpuBackend final : public Backend {
   std::vector<std::pair<void*, size_t>> allocations_;
   std::vector<std::vector<float>> scratch_;  // per thread: attention scores
   std::vector<std::vector<float>> tiles_;    // per thread: widened bf16 weight tiles
-  std::vector<float> xp_;                   // bf16 panels: the inputs as panel_inputs makes them (T × even k)
-  std::vector<uint16_t> x16_;               // quantized tiles: the input rounded to bf16 (T × even k)
+  std::vector<float> xp_;  // bf16 panels and quantized tiles: the inputs as their kernels take them (T × even k)
   std::vector<std::vector<uint16_t>> tiles16_;  // per thread: quantized rows as bf16 for the bf16 GEMM
   std::vector<std::vector<uint16_t>> panels_;   // per thread: the panel of a tile the bf16 GEMM packs as it goes
   std::vector<int8_t> qx_;                   // the decode input quantized for the Q8/Q4 GEMVs: levels,

@@ -81,9 +81,9 @@ struct CpuKernels {
 };
 
 // Several-input GEMVs take the weight rows in slices that stay in L2 while every input passes over them, and bring
-// the next slice into L2 meanwhile (the bf16 panel kernel its next panel): `per_step` cache lines each time step() is called, from p up to end. Left to
-// the blocks' own loads, the weights came from memory at a fraction of the bandwidth once each byte fed several
-// inputs' FMAs (the hardware prefetchers do not run far enough ahead of them).
+// the next slice into L2 meanwhile (the bf16 panel kernels their next panel): `per_step` cache lines each time
+// step() is called, from p up to end. Left to the blocks' own loads, the weights came from memory at a fraction of
+// the bandwidth once each byte fed several inputs' FMAs (the hardware prefetchers do not run far enough ahead).
 struct L2Prefetch {
   const char* p = nullptr;
   const char* end = nullptr;
@@ -95,7 +95,8 @@ struct L2Prefetch {
     f.per_step = ((f.end - f.p) / 64 + steps - 1) / std::max<int64_t>(steps, 1);
     return f;
   }
-  void step() {
+  // Always inlined: a call kept inside a micro-kernel's loop would spill its accumulators around it.
+  __attribute__((always_inline)) void step() {
     for (int64_t q = 0; q < per_step && p < end; ++q, p += 64) __builtin_prefetch(p, 0, 2);  // 2: into L2
   }
 };

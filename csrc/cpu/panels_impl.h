@@ -1,9 +1,10 @@
 // The panel kernels' shared parts (cpu/kernels.h has the layout): packing, and the loops around a micro-kernel that
-// keeps up to kRows input rows x 32 output columns in registers. A micro-kernel is a struct M with the input type
-// M::In and M::run<R, kPrefetch>(x, ldx, panel, pairs, acc, pf), which sets acc[r][0..1] (columns 0-15, 16-31) to
-// row r's sums over the panel's pairs, each column one float32 lane summed in order, so a row's result does not
-// depend on R. Included by gemm_bf16.cpp (VDPBF16PS on bf16 inputs) and by the AVX-512 kernel set (bf16 widened in
-// registers, float32 FMAs on float32 inputs); everything here is local to the including file.
+// keeps up to kRows input rows x 32 output columns in registers. A micro-kernel is a struct M with the input type M::In
+// and M::run<R, kPrefetch>(x, ldx, panel, pairs, acc, pf), which sets acc[r][0..1] (columns 0-15, 16-31) to row r's
+// sums over the panel's pairs, each column one float32 lane summed in order, so a row's result does not depend on R;
+// and M::run_two(x, pa, pb, pairs, acc, pf_a, pf_b), one row against the same panel of two blocks (acc[0..1] block a,
+// acc[2..3] block b). Included by gemm_bf16.cpp (VDPBF16PS on bf16 inputs) and by the AVX-512 kernel set (bf16 widened
+// in registers, float32 FMAs on float32 inputs); everything here is local to the including file.
 #pragma once
 
 #include <immintrin.h>
@@ -22,12 +23,16 @@ constexpr int64_t kKC = kBf16PanelK;      // k per panel (256 pairs)
 static_assert(kNB == 32, "the micro-kernels cover two 16-lane registers");
 constexpr int kRows = 12;  // input rows per micro-kernel call: 24 accumulators
 
-// With kPrefetch, pf's next lines into L2 every 4 pairs (inlined into the micro-kernels' loops: a call the compiler
-// kept would spill the accumulators around it).
+// With kPrefetch, pf's next lines into L2 every 4 pairs.
 template <bool kPrefetch>
 __attribute__((always_inline)) inline void prefetch_step(int64_t p, L2Prefetch& pf) {
-  if (kPrefetch && (p & 3) == 0)
-    for (int64_t q = 0; q < pf.per_step && pf.p < pf.end; ++q, pf.p += 64) __builtin_prefetch(pf.p, 0, 2);
+  if (kPrefetch && (p & 3) == 0) pf.step();
+}
+
+// The store masks of a block's two 16-column halves when only its first `valid` columns exist.
+inline void column_masks(int64_t valid, __mmask16& m0, __mmask16& m1) {
+  m0 = __mmask16(valid >= 16 ? 0xffff : (1u << valid) - 1u);
+  m1 = __mmask16(valid <= 16 ? 0 : valid >= 32 ? 0xffff : (1u << (valid - 16)) - 1u);
 }
 
 // Rows j0..j0+15 of W, 16 bf16 pairs each (starting at `w`), into panel[p0 + c][j0 + i] as 32-bit pairs: a 16x16
@@ -130,8 +135,8 @@ void dispatch(int rows, const typename M::In* x, int64_t ldx, const uint16_t* pa
 template <class M, bool kPrefetch>
 void panel_rows(const typename M::In* X, int64_t T, int64_t k2, int64_t kc, const uint16_t* panel, int64_t pairs,
                 float* C, int64_t ldc, bool accumulate, const float* bias, int64_t valid, L2Prefetch& pf) {
-  const __mmask16 m0 = __mmask16(valid >= 16 ? 0xffff : (1u << valid) - 1u);
-  const __mmask16 m1 = __mmask16(valid <= 16 ? 0 : valid >= 32 ? 0xffff : (1u << (valid - 16)) - 1u);
+  __mmask16 m0, m1;
+  column_masks(valid, m0, m1);
   for (int64_t t = 0; t < T; t += kRows)
     dispatch<M, kRows, kPrefetch>(int(std::min<int64_t>(kRows, T - t)), X + t * k2 + kc, k2, panel, pairs,
                                   C + t * ldc, ldc, kc == 0, accumulate, bias, m0, m1, pf);
@@ -145,8 +150,8 @@ __attribute__((noinline)) void micro_two(const typename M::In* x, const uint16_t
                                          int64_t valid_b, L2Prefetch& pf_a, L2Prefetch& pf_b) {
   __m512 acc[4];
   M::run_two(x, pa, pb, pairs, acc, pf_a, pf_b);
-  const __mmask16 m0 = __mmask16(valid_b >= 16 ? 0xffff : (1u << valid_b) - 1u);
-  const __mmask16 m1 = __mmask16(valid_b <= 16 ? 0 : valid_b >= 32 ? 0xffff : (1u << (valid_b - 16)) - 1u);
+  __mmask16 m0, m1;
+  column_masks(valid_b, m0, m1);
   const __m512 a[1][2] = {{acc[0], acc[1]}}, b[1][2] = {{acc[2], acc[3]}};
   store<1>(a, C, 0, first, accumulate, bias, 0xffff, 0xffff);
   store<1>(b, C + kNB, 0, first, accumulate, bias ? bias + kNB : nullptr, m0, m1);
