@@ -10,6 +10,7 @@
 #include <cstring>
 #include <exception>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -67,7 +68,8 @@ namespace {
 
 struct File {
   int fd = -1;
-  explicit File(const std::string& path) {
+  std::string path;
+  explicit File(const std::string& p) : path(p) {
     fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
   }
@@ -109,21 +111,26 @@ void check_files(const std::vector<TensorSource>& sources) {
 }
 
 void read_tensors(Backend& backend, const std::vector<TensorTarget>& targets, int threads) {
-  // Group by file so that each worker opens a file once; files are handed out whole.
-  std::map<std::string, std::vector<const TensorTarget*>> by_file;
-  for (const auto& t : targets) by_file[t.src->path].push_back(&t);
-  std::vector<const std::vector<const TensorTarget*>*> files;
-  for (auto& kv : by_file) files.push_back(&kv.second);
-  // Many tensors, few files: split each file's tensor list so both threads have work on a one-file checkpoint.
-  std::vector<std::vector<const TensorTarget*>> jobs;
-  for (auto* f : files) {
-    size_t parts = size_t(std::max(1, threads));
-    for (size_t p = 0; p < parts; ++p) {
-      std::vector<const TensorTarget*> job;
-      for (size_t i = p; i < f->size(); i += parts) job.push_back((*f)[i]);
-      if (!job.empty()) jobs.push_back(std::move(job));
-    }
+  // Work in pieces, largest first, taken by whichever thread is free: whole tensors handed out in turn left one
+  // thread quantizing for seconds after the other had finished (a 1.5B's tensors split about 3:1). About 64 pieces
+  // a thread, at most 32 MB each; a piece of a weight stored by rows (quantized, panels) is whole 32-row runs.
+  int64_t total = 0;
+  for (const auto& t : targets) total += t.src->nbytes;
+  const int64_t piece = std::min<int64_t>(int64_t(32) << 20, total / (64 * std::max(1, threads)));
+  struct Piece {
+    const TensorTarget* t;
+    int64_t begin, end;  // bytes of the tensor's source
+  };
+  std::vector<Piece> pieces;
+  for (const auto& t : targets) {
+    const int64_t esize = int64_t(dtype_size(t.src_dtype)), n = t.src->nbytes;
+    const bool by_rows = is_quantized(t.dst.format) || t.dst.panels;
+    const int64_t unit = by_rows ? 32 * t.dst.cols() * esize : esize;
+    const int64_t step = std::max<int64_t>(1, piece / unit) * unit;
+    for (int64_t b = 0; b < n || b == 0; b += step) pieces.push_back(Piece{&t, b, std::min(n, b + step)});
   }
+  std::stable_sort(pieces.begin(), pieces.end(),
+                   [](const Piece& a, const Piece& b) { return a.end - a.begin > b.end - b.begin; });
 
   std::atomic<size_t> next{0};
   std::exception_ptr error;
@@ -131,35 +138,36 @@ void read_tensors(Backend& backend, const std::vector<TensorTarget>& targets, in
   auto worker = [&] {
     constexpr int64_t kChunk = int64_t(8) << 20;  // bounce buffer for converting reads
     std::vector<char> bounce;
+    std::unique_ptr<File> file;
     try {
-      for (size_t j; (j = next.fetch_add(1)) < jobs.size();) {
-        File file(jobs[j].front()->src->path);
-        for (const TensorTarget* t : jobs[j]) {
-          const TensorSource& s = *t->src;
-          const int64_t esize = int64_t(dtype_size(t->src_dtype));
-          const Tensor& data = t->dst.data;
-          char* direct = static_cast<char*>(backend.host_data(data));
-          // Quantized and panel-stored weights take whole rows; a plain one any run of elements.
-          const bool by_rows = is_quantized(t->dst.format) || t->dst.panels;
-          if (direct && !by_rows && data.dtype == t->src_dtype && data.contiguous()) {
-            pread_all(file.fd, s.path, direct + t->at * esize, s.nbytes, s.offset);
-            continue;
-          }
-          if (bounce.empty()) bounce.resize(size_t(kChunk));
-          const int64_t unit = by_rows ? t->dst.cols() * esize : esize;
-          // (Panel-stored weights in whole 32-row blocks where they can: packed at once, not element by element.)
-          const int64_t per = std::max<int64_t>(1, kChunk / unit);
-          const int64_t step = (t->dst.panels && per >= 32 ? per / 32 * 32 : per) * unit;
-          if (step > int64_t(bounce.size())) bounce.resize(size_t(step));
-          for (int64_t done = 0; done < s.nbytes; done += step) {
-            const int64_t n = std::min(step, s.nbytes - done);
-            pread_all(file.fd, s.path, bounce.data(), n, s.offset + done);
-            if (by_rows)
-              backend.upload_weight(t->dst, (t->at + done / esize) / t->dst.cols(), bounce.data(), t->src_dtype,
-                                    n / unit);
-            else
-              backend.upload(data, t->at + done / esize, bounce.data(), t->src_dtype, n / esize);
-          }
+      for (size_t j; (j = next.fetch_add(1)) < pieces.size();) {
+        const TensorTarget* t = pieces[j].t;
+        const TensorSource& s = *t->src;
+        if (!file || file->path != s.path) file = std::make_unique<File>(s.path);
+        const int64_t esize = int64_t(dtype_size(t->src_dtype));
+        const Tensor& data = t->dst.data;
+        char* direct = static_cast<char*>(backend.host_data(data));
+        // Quantized and panel-stored weights take whole rows; a plain one any run of elements.
+        const bool by_rows = is_quantized(t->dst.format) || t->dst.panels;
+        const int64_t begin = pieces[j].begin, end = pieces[j].end;
+        if (direct && !by_rows && data.dtype == t->src_dtype && data.contiguous()) {
+          pread_all(file->fd, s.path, direct + t->at * esize + begin, end - begin, s.offset + begin);
+          continue;
+        }
+        if (bounce.empty()) bounce.resize(size_t(kChunk));
+        const int64_t unit = by_rows ? t->dst.cols() * esize : esize;
+        // (Panel-stored weights in whole 32-row blocks where they can: packed at once, not element by element.)
+        const int64_t per = std::max<int64_t>(1, kChunk / unit);
+        const int64_t step = (t->dst.panels && per >= 32 ? per / 32 * 32 : per) * unit;
+        if (step > int64_t(bounce.size())) bounce.resize(size_t(step));
+        for (int64_t done = begin; done < end; done += step) {
+          const int64_t n = std::min(step, end - done);
+          pread_all(file->fd, s.path, bounce.data(), n, s.offset + done);
+          if (by_rows)
+            backend.upload_weight(t->dst, (t->at + done / esize) / t->dst.cols(), bounce.data(), t->src_dtype,
+                                  n / unit);
+          else
+            backend.upload(data, t->at + done / esize, bounce.data(), t->src_dtype, n / esize);
         }
         std::lock_guard<std::mutex> lock(error_mu);
         if (error) return;
@@ -167,11 +175,11 @@ void read_tensors(Backend& backend, const std::vector<TensorTarget>& targets, in
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mu);
       if (!error) error = std::current_exception();
-      next = jobs.size();
+      next = pieces.size();
     }
   };
   std::vector<std::thread> pool;
-  for (int i = 1; i < threads && size_t(i) < jobs.size(); ++i) pool.emplace_back(worker);
+  for (int i = 1; i < threads && size_t(i) < pieces.size(); ++i) pool.emplace_back(worker);
   worker();
   for (auto& th : pool) th.join();
   if (error) std::rethrow_exception(error);
