@@ -489,6 +489,25 @@ static inline void fill_group(const float* x, int64_t n, float* v) {
   for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i] : 0.0f;
 }
 
+#if defined(__AVX512F__)
+// The totals of four vectors, in that order.
+static inline __m128 sums4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // 128-bit lanes [a0+a2, a1+a3, b0+b2, b1+b3], then [a, b, c, d] each as four partial sums, then each lane's total
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
+  __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4e));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xb1));
+  const __m512i firsts = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, s));
+}
+// Levels lo..hi nearest to x * inv (ties to even).
+static inline __m512 clamped_levels(__m512 x, __m512 inv, float lo, float hi) {
+  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(x, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+}
+#endif
+
 static bool quantize_q8_group(const float* v, uint8_t* scale, int8_t* out) {
   float am[8] = {};
   for (int b = 0; b < kG; b += 8)
@@ -514,9 +533,62 @@ static bool quantize_q8_group(const float* v, uint8_t* scale, int8_t* out) {
 // range / 15, each refined by least squares (the best d and m for its levels); the candidate with the smallest
 // squared error wins (the first of equals). The error comes from the sums alone:
 // sum (d l + m - v)^2 = d^2 Sll + 2 d m Sl + n m^2 - 2 d Slv - 2 m Sv + Svv.
-static void fit_q4_group(const float* v, float* d_out, float* m_out) {
-  constexpr float kLevels[4] = {15.0f, 14.5f, 15.5f, 14.0f}, n = float(kG);
 #if defined(__AVX2__)
+// The least-squares d and m of the 4 candidates' levels from their sums, and the one with the smallest error.
+static inline void solve_q4(__m128 Sl, __m128 Sll, __m128 Slv, float sv, float svv, float mn, float* d_out,
+                            float* m_out) {
+  const __m128 Sv = _mm_set1_ps(sv), Svv = _mm_set1_ps(svv), N = _mm_set1_ps(float(kG)), two = _mm_set1_ps(2.0f);
+  const __m128 det = _mm_sub_ps(_mm_mul_ps(N, Sll), _mm_mul_ps(Sl, Sl));
+  const __m128 d = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(N, Slv), _mm_mul_ps(Sl, Sv)), det);
+  const __m128 m = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(Sll, Sv), _mm_mul_ps(Sl, Slv)), det);
+  __m128 err = _mm_add_ps(_mm_mul_ps(_mm_mul_ps(d, d), Sll), _mm_mul_ps(_mm_mul_ps(two, _mm_mul_ps(d, m)), Sl));
+  err = _mm_add_ps(err, _mm_mul_ps(N, _mm_mul_ps(m, m)));
+  err = _mm_sub_ps(err, _mm_mul_ps(two, _mm_add_ps(_mm_mul_ps(d, Slv), _mm_mul_ps(m, Sv))));
+  err = _mm_add_ps(err, Svv);
+  alignas(16) float e[4], dd[4], mm[4], dt[4];
+  _mm_store_ps(e, err);
+  _mm_store_ps(dd, d);
+  _mm_store_ps(mm, m);
+  _mm_store_ps(dt, det);
+  float best_d = 0.0f, best_m = mn, best_err = 3.4e38f;
+  for (int c = 0; c < 4; ++c)
+    if (dt[c] > 0.0f && e[c] < best_err) {
+      best_err = e[c];
+      best_d = dd[c];
+      best_m = mm[c];
+    }
+  *d_out = best_d;
+  *m_out = best_m;
+}
+#endif
+
+static void fit_q4_group(const float* v, float* d_out, float* m_out) {
+  constexpr float kLevels[4] = {15.0f, 14.5f, 15.5f, 14.0f};
+#if defined(__AVX512F__)
+  // The group in two registers, the 4 candidates' sums side by side.
+  const __m512 x0 = _mm512_loadu_ps(v), x1 = _mm512_loadu_ps(v + 16);
+  const float mn = _mm512_reduce_min_ps(_mm512_min_ps(x0, x1)), mx = _mm512_reduce_max_ps(_mm512_max_ps(x0, x1));
+  if (!(mx > mn)) {
+    *d_out = 0.0f;
+    *m_out = mn;
+    return;
+  }
+  const float inv_range = 1.0f / (mx - mn);
+  const __m512 y0 = _mm512_sub_ps(x0, _mm512_set1_ps(mn)), y1 = _mm512_sub_ps(x1, _mm512_set1_ps(mn));
+  __m512 al[4], all[4], alv[4];
+  for (int c = 0; c < 4; ++c) {
+    const __m512 is = _mm512_set1_ps(kLevels[c] * inv_range);
+    const __m512 q0 = clamped_levels(y0, is, 0.0f, 15.0f), q1 = clamped_levels(y1, is, 0.0f, 15.0f);
+    al[c] = _mm512_add_ps(q0, q1);
+    all[c] = _mm512_fmadd_ps(q1, q1, _mm512_mul_ps(q0, q0));
+    alv[c] = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  alignas(16) float rest[4];
+  _mm_store_ps(rest, sums4(_mm512_add_ps(x0, x1), _mm512_fmadd_ps(x1, x1, _mm512_mul_ps(x0, x0)), zero, zero));
+  solve_q4(sums4(al[0], al[1], al[2], al[3]), sums4(all[0], all[1], all[2], all[3]),
+           sums4(alv[0], alv[1], alv[2], alv[3]), rest[0], rest[1], mn, d_out, m_out);
+#elif defined(__AVX2__)
   // All in registers: the group (4 vectors), the 4 candidates' 12 sums reduced together, their fits side by side.
   __m256 x[4];
   for (int b = 0; b < 4; ++b) x[b] = _mm256_loadu_ps(v + 8 * b);
@@ -567,29 +639,9 @@ static void fit_q4_group(const float* v, float* d_out, float* m_out) {
   const __m128 Sl = _mm256_castps256_ps128(t0), Sll = _mm256_extractf128_ps(t0, 1), Slv = _mm256_castps256_ps128(t1);
   alignas(16) float rest[4];
   _mm_store_ps(rest, _mm256_extractf128_ps(t1, 1));
-  const __m128 Sv = _mm_set1_ps(rest[0]), Svv = _mm_set1_ps(rest[1]), N = _mm_set1_ps(n), two = _mm_set1_ps(2.0f);
-  const __m128 det = _mm_sub_ps(_mm_mul_ps(N, Sll), _mm_mul_ps(Sl, Sl));
-  const __m128 d = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(N, Slv), _mm_mul_ps(Sl, Sv)), det);
-  const __m128 m = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(Sll, Sv), _mm_mul_ps(Sl, Slv)), det);
-  __m128 err = _mm_add_ps(_mm_mul_ps(_mm_mul_ps(d, d), Sll), _mm_mul_ps(_mm_mul_ps(two, _mm_mul_ps(d, m)), Sl));
-  err = _mm_add_ps(err, _mm_mul_ps(N, _mm_mul_ps(m, m)));
-  err = _mm_sub_ps(err, _mm_mul_ps(two, _mm_add_ps(_mm_mul_ps(d, Slv), _mm_mul_ps(m, Sv))));
-  err = _mm_add_ps(err, Svv);
-  alignas(16) float e[4], dd[4], mm[4], dt[4];
-  _mm_store_ps(e, err);
-  _mm_store_ps(dd, d);
-  _mm_store_ps(mm, m);
-  _mm_store_ps(dt, det);
-  float best_d = 0.0f, best_m = mn, best_err = 3.4e38f;
-  for (int c = 0; c < 4; ++c)
-    if (dt[c] > 0.0f && e[c] < best_err) {
-      best_err = e[c];
-      best_d = dd[c];
-      best_m = mm[c];
-    }
-  *d_out = best_d;
-  *m_out = best_m;
+  solve_q4(Sl, Sll, Slv, rest[0], rest[1], mn, d_out, m_out);
 #else
+  constexpr float n = float(kG);
   float lo = v[0], hi = v[0], Sv = 0.0f, Svv = 0.0f;
   for (int i = 0; i < kG; ++i) {
     lo = v[i] < lo ? v[i] : lo;
@@ -659,9 +711,65 @@ static float group_levels(const float* v, float d, float m, float* l) {
   return err;
 }
 
+// The candidate (step d[c], offset m[c], c < NC) whose levels reconstruct v with the smallest squared error (the
+// first of equals), its levels into l.
+template <int kTop, int NC>
+static int best_levels_of(const float* v, const float* d, const float* m, float* l) {
+#if defined(__AVX512F__)
+  // All candidates at once in registers, their errors summed together.
+  const __m512 x0 = _mm512_loadu_ps(v), x1 = _mm512_loadu_ps(v + 16);
+  __m512 q0[4], q1[4], e[4];
+  for (int c = 0; c < 4; ++c) {
+    if (c >= NC) {
+      e[c] = _mm512_setzero_ps();
+      continue;
+    }
+    const __m512 vd = _mm512_set1_ps(d[c]), vm = _mm512_set1_ps(m[c]);
+    const __m512 inv = _mm512_set1_ps(d[c] != 0.0f ? 1.0f / d[c] : 0.0f);
+    q0[c] = clamped_levels(_mm512_sub_ps(x0, vm), inv, 0.0f, float(kTop));
+    q1[c] = clamped_levels(_mm512_sub_ps(x1, vm), inv, 0.0f, float(kTop));
+    const __m512 r0 = _mm512_sub_ps(_mm512_fmadd_ps(q0[c], vd, vm), x0);
+    const __m512 r1 = _mm512_sub_ps(_mm512_fmadd_ps(q1[c], vd, vm), x1);
+    e[c] = _mm512_fmadd_ps(r1, r1, _mm512_mul_ps(r0, r0));
+  }
+  alignas(16) float err[4];
+  _mm_store_ps(err, sums4(e[0], e[1], e[2], e[3]));
+  int best = 0;
+  for (int c = 1; c < NC; ++c)
+    if (err[c] < err[best]) best = c;
+  _mm512_storeu_ps(l, q0[best]);
+  _mm512_storeu_ps(l + 16, q1[best]);
+  return best;
+#else
+  int best = 0;
+  float best_err = 0.0f;
+  for (int c = 0; c < NC; ++c) {
+    const float err = group_levels<kTop>(v, d[c], m[c], nullptr);
+    if (c == 0 || err < best_err) best = c, best_err = err;
+  }
+  group_levels<kTop>(v, d[best], m[best], l);
+  return best;
+#endif
+}
+
 // A row's levels of one group into its bytes (tensor.h): the low 4 bits two per byte (value i and i + 16 in byte i),
 // Q6's top 2 bits four per byte (value i + 8s in bits 2s, 2s + 1 of byte i, i < 8).
 static void pack_levels(Format f, const float* l, uint8_t* nibbles, uint8_t* high) {
+#if defined(__AVX512F__)
+  // levels 0..15 and 16..31 as bytes; 16-bit shifts keep every byte's bits in their byte (levels < 64)
+  const __m128i b0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_loadu_ps(l)));
+  const __m128i b1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_loadu_ps(l + 16)));
+  const __m128i low = _mm_set1_epi8(15), three = _mm_set1_epi8(3);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(nibbles),
+                   _mm_or_si128(_mm_and_si128(b0, low), _mm_slli_epi16(_mm_and_si128(b1, low), 4)));
+  if (f == Format::Q6) {
+    const __m128i t0 = _mm_and_si128(_mm_srli_epi16(b0, 4), three), t1 = _mm_and_si128(_mm_srli_epi16(b1, 4), three);
+    const __m128i h = _mm_or_si128(_mm_or_si128(t0, _mm_slli_epi16(_mm_srli_si128(t0, 8), 2)),
+                                   _mm_or_si128(_mm_slli_epi16(t1, 4), _mm_slli_epi16(_mm_srli_si128(t1, 8), 6)));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(high), h);
+  }
+  return;
+#endif
   int q[kG];
   for (int i = 0; i < kG; ++i) q[i] = int(l[i]);
   for (int i = 0; i < kG / 2; ++i) nibbles[i] = uint8_t((q[i] & 15) | ((q[i + kG / 2] & 15) << 4));
@@ -683,6 +791,35 @@ static inline float bf16_ceil(float v) {
 // a rare extreme can pay), each refined by least squares for its levels (d = Sqv / Sqq, leaving the squared error
 // Svv - Sqv^2 / Sqq); the smallest error wins.
 static float fit_q6_group(const float* v) {
+#if defined(__AVX512F__)
+  const __m512 x0 = _mm512_loadu_ps(v), x1 = _mm512_loadu_ps(v + 16);
+  const float mx = std::max(0.0f, _mm512_reduce_max_ps(_mm512_max_ps(x0, x1)));
+  const float mn = std::min(0.0f, _mm512_reduce_min_ps(_mm512_min_ps(x0, x1)));
+  const float d0 = std::max(mx / 31.0f, -mn / 32.0f);
+  if (d0 == 0.0f) return 0.0f;
+  constexpr float kShrink[3] = {1.0f, 0.96f, 0.92f};
+  __m512 qv[4], qq[4];
+  qv[3] = qq[3] = _mm512_setzero_ps();
+  for (int c = 0; c < 3; ++c) {
+    const __m512 inv = _mm512_set1_ps(1.0f / (d0 * kShrink[c]));
+    const __m512 q0 = clamped_levels(x0, inv, -32.0f, 31.0f), q1 = clamped_levels(x1, inv, -32.0f, 31.0f);
+    qv[c] = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
+    qq[c] = _mm512_fmadd_ps(q1, q1, _mm512_mul_ps(q0, q0));
+  }
+  alignas(16) float sqv[4], sqq[4];
+  _mm_store_ps(sqv, sums4(qv[0], qv[1], qv[2], qv[3]));
+  _mm_store_ps(sqq, sums4(qq[0], qq[1], qq[2], qq[3]));
+  float best_d = d0, best_gain = 0.0f;  // the largest Sqv^2 / Sqq is the smallest error
+  for (int c = 0; c < 3; ++c) {
+    if (!(sqq[c] > 0.0f && sqv[c] > 0.0f)) continue;
+    const float gain = sqv[c] * sqv[c] / sqq[c];
+    if (gain > best_gain) {
+      best_gain = gain;
+      best_d = sqv[c] / sqq[c];
+    }
+  }
+  return best_d;
+#else
   float mx = 0.0f, mn = 0.0f;
   for (int i = 0; i < kG; ++i) {
     mx = v[i] > mx ? v[i] : mx;
@@ -724,6 +861,7 @@ static float fit_q6_group(const float* v) {
     }
   }
   return best_d;
+#endif
 }
 
 // Q4 / Q6, one whole row (its codes are relative to the row's D): every group's best d (and Q4's m), D from the
@@ -768,31 +906,25 @@ static void quantize_coded_row(const float* x, int64_t k, uint8_t* block, int la
     fill(g, v);
     const float a0 = D > 0.0f ? std::floor(dm[size_t(2 * g)] / D) : 0.0f;
     uint8_t* p = block + quant_header_bytes(f) + g * gb;
-    float best = 3.4e38f, best_d = 0.0f, best_m = 0.0f;
+    float cd[4], cm[4], ca[4], cc[4] = {};  // the candidates: d, m and their codes a, c
+    int nc = 0;
     for (float a : {a0, a0 + 1.0f}) {
       a = std::min(std::max(a, 0.0f), 255.0f);
       const float d = D * a;
       if (kTop == 63) {
-        const float err = group_levels<63>(v, d, -32.0f * d, nullptr);
-        if (err < best) {
-          best = err, best_d = d, best_m = -32.0f * d;
-          p[lane] = uint8_t(int(a));
-        }
+        cd[nc] = d, cm[nc] = -32.0f * d, ca[nc++] = a;
         continue;
       }
       const float c0 = d > 0.0f ? std::floor(-8.0f * dm[size_t(2 * g + 1)] / d) : 0.0f;
       for (float c : {c0, c0 + 1.0f}) {
         c = std::min(std::max(c, -128.0f), 127.0f);
-        const float m = -d * c * 0.125f, err = group_levels<15>(v, d, m, nullptr);
-        if (err < best) {
-          best = err, best_d = d, best_m = m;
-          p[lane] = uint8_t(int(a));
-          p[kQuantRows + lane] = uint8_t(int8_t(int(c)));
-        }
+        cd[nc] = d, cm[nc] = -d * c * 0.125f, ca[nc] = a, cc[nc++] = c;
       }
     }
     float best_levels[kG];
-    group_levels<kTop>(v, best_d, best_m, best_levels);
+    const int b = best_levels_of<kTop, kTop == 15 ? 4 : 2>(v, cd, cm, best_levels);
+    p[lane] = uint8_t(int(ca[b]));
+    if (kTop == 15) p[kQuantRows + lane] = uint8_t(int8_t(int(cc[b])));
     pack_levels(f, best_levels, p + scales + (kG / 2) * lane,
                 f == Format::Q6 ? p + scales + kQuantRows * (kG / 2) + 8 * lane : nullptr);
   }
