@@ -489,25 +489,6 @@ static inline void fill_group(const float* x, int64_t n, float* v) {
   for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i] : 0.0f;
 }
 
-#if defined(__AVX512F__)
-// The totals of four vectors, in that order.
-static inline __m128 sums4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  // 128-bit lanes [a0+a2, a1+a3, b0+b2, b1+b3], then [a, b, c, d] each as four partial sums, then each lane's total
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
-  __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));
-  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4e));
-  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xb1));
-  const __m512i firsts = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, s));
-}
-// Levels lo..hi nearest to x * inv (ties to even).
-static inline __m512 clamped_levels(__m512 x, __m512 inv, float lo, float hi) {
-  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(x, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
-}
-#endif
-
 static bool quantize_q8_group(const float* v, uint8_t* scale, int8_t* out) {
   float am[8] = {};
   for (int b = 0; b < kG; b += 8)
@@ -529,6 +510,42 @@ static bool quantize_q8_group(const float* v, uint8_t* scale, int8_t* out) {
   return true;
 }
 
+// The smallest float32 of bfloat16 precision (8 significant bits) at or above v >= 0.
+static inline float bf16_ceil(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u + 0xffffu) & 0xffff0000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// A row's levels of one group into its bytes (tensor.h): the low 4 bits two per byte (value i and i + 16 in byte i),
+// Q6's top 2 bits four per byte (value i + 8s in bits 2s, 2s + 1 of byte i, i < 8).
+static void pack_levels(Format f, const float* l, uint8_t* nibbles, uint8_t* high) {
+#if defined(__AVX512F__)
+  // levels 0..15 and 16..31 as bytes; 16-bit shifts keep every byte's bits in their byte (levels < 64)
+  const __m128i b0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_loadu_ps(l)));
+  const __m128i b1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_loadu_ps(l + 16)));
+  const __m128i low = _mm_set1_epi8(15), three = _mm_set1_epi8(3);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(nibbles),
+                   _mm_or_si128(_mm_and_si128(b0, low), _mm_slli_epi16(_mm_and_si128(b1, low), 4)));
+  if (f == Format::Q6) {
+    const __m128i t0 = _mm_and_si128(_mm_srli_epi16(b0, 4), three), t1 = _mm_and_si128(_mm_srli_epi16(b1, 4), three);
+    const __m128i h = _mm_or_si128(_mm_or_si128(t0, _mm_slli_epi16(_mm_srli_si128(t0, 8), 2)),
+                                   _mm_or_si128(_mm_slli_epi16(t1, 4), _mm_slli_epi16(_mm_srli_si128(t1, 8), 6)));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(high), h);
+  }
+  return;
+#endif
+  int q[kG];
+  for (int i = 0; i < kG; ++i) q[i] = int(l[i]);
+  for (int i = 0; i < kG / 2; ++i) nibbles[i] = uint8_t((q[i] & 15) | ((q[i + kG / 2] & 15) << 4));
+  if (f == Format::Q6)
+    for (int i = 0; i < 8; ++i)
+      high[i] = uint8_t((q[i] >> 4) | ((q[i + 8] >> 4) << 2) | ((q[i + 16] >> 4) << 4) | ((q[i + 24] >> 4) << 6));
+}
+
+#if !defined(__AVX512F__)  // (the AVX-512 set runs the same search 16 groups at a time, below)
 // The step d and offset m of a group of 32 values for Q4's levels 0..15: levels for step candidates around
 // range / 15, each refined by least squares (the best d and m for its levels); the candidate with the smallest
 // squared error wins (the first of equals). The error comes from the sums alone:
@@ -564,31 +581,7 @@ static inline void solve_q4(__m128 Sl, __m128 Sll, __m128 Slv, float sv, float s
 
 static void fit_q4_group(const float* v, float* d_out, float* m_out) {
   constexpr float kLevels[4] = {15.0f, 14.5f, 15.5f, 14.0f};
-#if defined(__AVX512F__)
-  // The group in two registers, the 4 candidates' sums side by side.
-  const __m512 x0 = _mm512_loadu_ps(v), x1 = _mm512_loadu_ps(v + 16);
-  const float mn = _mm512_reduce_min_ps(_mm512_min_ps(x0, x1)), mx = _mm512_reduce_max_ps(_mm512_max_ps(x0, x1));
-  if (!(mx > mn)) {
-    *d_out = 0.0f;
-    *m_out = mn;
-    return;
-  }
-  const float inv_range = 1.0f / (mx - mn);
-  const __m512 y0 = _mm512_sub_ps(x0, _mm512_set1_ps(mn)), y1 = _mm512_sub_ps(x1, _mm512_set1_ps(mn));
-  __m512 al[4], all[4], alv[4];
-  for (int c = 0; c < 4; ++c) {
-    const __m512 is = _mm512_set1_ps(kLevels[c] * inv_range);
-    const __m512 q0 = clamped_levels(y0, is, 0.0f, 15.0f), q1 = clamped_levels(y1, is, 0.0f, 15.0f);
-    al[c] = _mm512_add_ps(q0, q1);
-    all[c] = _mm512_fmadd_ps(q1, q1, _mm512_mul_ps(q0, q0));
-    alv[c] = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
-  }
-  const __m512 zero = _mm512_setzero_ps();
-  alignas(16) float rest[4];
-  _mm_store_ps(rest, sums4(_mm512_add_ps(x0, x1), _mm512_fmadd_ps(x1, x1, _mm512_mul_ps(x0, x0)), zero, zero));
-  solve_q4(sums4(al[0], al[1], al[2], al[3]), sums4(all[0], all[1], all[2], all[3]),
-           sums4(alv[0], alv[1], alv[2], alv[3]), rest[0], rest[1], mn, d_out, m_out);
-#elif defined(__AVX2__)
+#if defined(__AVX2__)
   // All in registers: the group (4 vectors), the 4 candidates' 12 sums reduced together, their fits side by side.
   __m256 x[4];
   for (int b = 0; b < 4; ++b) x[b] = _mm256_loadu_ps(v + 8 * b);
@@ -715,32 +708,6 @@ static float group_levels(const float* v, float d, float m, float* l) {
 // first of equals), its levels into l.
 template <int kTop, int NC>
 static int best_levels_of(const float* v, const float* d, const float* m, float* l) {
-#if defined(__AVX512F__)
-  // All candidates at once in registers, their errors summed together.
-  const __m512 x0 = _mm512_loadu_ps(v), x1 = _mm512_loadu_ps(v + 16);
-  __m512 q0[4], q1[4], e[4];
-  for (int c = 0; c < 4; ++c) {
-    if (c >= NC) {
-      e[c] = _mm512_setzero_ps();
-      continue;
-    }
-    const __m512 vd = _mm512_set1_ps(d[c]), vm = _mm512_set1_ps(m[c]);
-    const __m512 inv = _mm512_set1_ps(d[c] != 0.0f ? 1.0f / d[c] : 0.0f);
-    q0[c] = clamped_levels(_mm512_sub_ps(x0, vm), inv, 0.0f, float(kTop));
-    q1[c] = clamped_levels(_mm512_sub_ps(x1, vm), inv, 0.0f, float(kTop));
-    const __m512 r0 = _mm512_sub_ps(_mm512_fmadd_ps(q0[c], vd, vm), x0);
-    const __m512 r1 = _mm512_sub_ps(_mm512_fmadd_ps(q1[c], vd, vm), x1);
-    e[c] = _mm512_fmadd_ps(r1, r1, _mm512_mul_ps(r0, r0));
-  }
-  alignas(16) float err[4];
-  _mm_store_ps(err, sums4(e[0], e[1], e[2], e[3]));
-  int best = 0;
-  for (int c = 1; c < NC; ++c)
-    if (err[c] < err[best]) best = c;
-  _mm512_storeu_ps(l, q0[best]);
-  _mm512_storeu_ps(l + 16, q1[best]);
-  return best;
-#else
   int best = 0;
   float best_err = 0.0f;
   for (int c = 0; c < NC; ++c) {
@@ -749,77 +716,12 @@ static int best_levels_of(const float* v, const float* d, const float* m, float*
   }
   group_levels<kTop>(v, d[best], m[best], l);
   return best;
-#endif
-}
-
-// A row's levels of one group into its bytes (tensor.h): the low 4 bits two per byte (value i and i + 16 in byte i),
-// Q6's top 2 bits four per byte (value i + 8s in bits 2s, 2s + 1 of byte i, i < 8).
-static void pack_levels(Format f, const float* l, uint8_t* nibbles, uint8_t* high) {
-#if defined(__AVX512F__)
-  // levels 0..15 and 16..31 as bytes; 16-bit shifts keep every byte's bits in their byte (levels < 64)
-  const __m128i b0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_loadu_ps(l)));
-  const __m128i b1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_loadu_ps(l + 16)));
-  const __m128i low = _mm_set1_epi8(15), three = _mm_set1_epi8(3);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(nibbles),
-                   _mm_or_si128(_mm_and_si128(b0, low), _mm_slli_epi16(_mm_and_si128(b1, low), 4)));
-  if (f == Format::Q6) {
-    const __m128i t0 = _mm_and_si128(_mm_srli_epi16(b0, 4), three), t1 = _mm_and_si128(_mm_srli_epi16(b1, 4), three);
-    const __m128i h = _mm_or_si128(_mm_or_si128(t0, _mm_slli_epi16(_mm_srli_si128(t0, 8), 2)),
-                                   _mm_or_si128(_mm_slli_epi16(t1, 4), _mm_slli_epi16(_mm_srli_si128(t1, 8), 6)));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(high), h);
-  }
-  return;
-#endif
-  int q[kG];
-  for (int i = 0; i < kG; ++i) q[i] = int(l[i]);
-  for (int i = 0; i < kG / 2; ++i) nibbles[i] = uint8_t((q[i] & 15) | ((q[i + kG / 2] & 15) << 4));
-  if (f == Format::Q6)
-    for (int i = 0; i < 8; ++i)
-      high[i] = uint8_t((q[i] >> 4) | ((q[i + 8] >> 4) << 2) | ((q[i + 16] >> 4) << 4) | ((q[i + 24] >> 4) << 6));
-}
-
-// The smallest float32 of bfloat16 precision (8 significant bits) at or above v >= 0.
-static inline float bf16_ceil(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u = (u + 0xffffu) & 0xffff0000u;
-  std::memcpy(&v, &u, 4);
-  return v;
 }
 
 // Q6's step d >= 0 of a group (levels q - 32 in -32..31): candidates from the extremes and a little below (clipping
 // a rare extreme can pay), each refined by least squares for its levels (d = Sqv / Sqq, leaving the squared error
 // Svv - Sqv^2 / Sqq); the smallest error wins.
 static float fit_q6_group(const float* v) {
-#if defined(__AVX512F__)
-  const __m512 x0 = _mm512_loadu_ps(v), x1 = _mm512_loadu_ps(v + 16);
-  const float mx = std::max(0.0f, _mm512_reduce_max_ps(_mm512_max_ps(x0, x1)));
-  const float mn = std::min(0.0f, _mm512_reduce_min_ps(_mm512_min_ps(x0, x1)));
-  const float d0 = std::max(mx / 31.0f, -mn / 32.0f);
-  if (d0 == 0.0f) return 0.0f;
-  constexpr float kShrink[3] = {1.0f, 0.96f, 0.92f};
-  __m512 qv[4], qq[4];
-  qv[3] = qq[3] = _mm512_setzero_ps();
-  for (int c = 0; c < 3; ++c) {
-    const __m512 inv = _mm512_set1_ps(1.0f / (d0 * kShrink[c]));
-    const __m512 q0 = clamped_levels(x0, inv, -32.0f, 31.0f), q1 = clamped_levels(x1, inv, -32.0f, 31.0f);
-    qv[c] = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
-    qq[c] = _mm512_fmadd_ps(q1, q1, _mm512_mul_ps(q0, q0));
-  }
-  alignas(16) float sqv[4], sqq[4];
-  _mm_store_ps(sqv, sums4(qv[0], qv[1], qv[2], qv[3]));
-  _mm_store_ps(sqq, sums4(qq[0], qq[1], qq[2], qq[3]));
-  float best_d = d0, best_gain = 0.0f;  // the largest Sqv^2 / Sqq is the smallest error
-  for (int c = 0; c < 3; ++c) {
-    if (!(sqq[c] > 0.0f && sqv[c] > 0.0f)) continue;
-    const float gain = sqv[c] * sqv[c] / sqq[c];
-    if (gain > best_gain) {
-      best_gain = gain;
-      best_d = sqv[c] / sqq[c];
-    }
-  }
-  return best_d;
-#else
   float mx = 0.0f, mn = 0.0f;
   for (int i = 0; i < kG; ++i) {
     mx = v[i] > mx ? v[i] : mx;
@@ -861,8 +763,143 @@ static float fit_q6_group(const float* v) {
     }
   }
   return best_d;
-#endif
 }
+
+#else
+// The AVX-512 set runs the same search on 16 groups at once, one group a lane: t[i] holds value i of each (a
+// transposed copy of the row), so every sum is a plain vector sum and every division serves 16 groups.
+static inline __m512 nearest_levels(__m512 x, __m512 inv, float lo, float hi) {  // ties to even
+  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(x, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+}
+
+// Pass 1 (fit_q4_group / fit_q6_group, one group a lane): d and (Q4) m of 16 groups.
+template <int kTop>
+static void fit_lanes(const __m512* t, __m512* d_out, __m512* m_out) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 mn = t[0], mx = t[0];
+  for (int i = 1; i < kG; ++i) mn = _mm512_min_ps(mn, t[i]), mx = _mm512_max_ps(mx, t[i]);
+  if constexpr (kTop == 15) {
+    __m512 sv = zero, svv = zero;
+    for (int i = 0; i < kG; ++i) sv = _mm512_add_ps(sv, t[i]), svv = _mm512_fmadd_ps(t[i], t[i], svv);
+    const __mmask16 spread = _mm512_cmp_ps_mask(mx, mn, _CMP_GT_OQ);
+    const __m512 inv_range = _mm512_maskz_div_ps(spread, _mm512_set1_ps(1.0f), _mm512_sub_ps(mx, mn));
+    const __m512 n = _mm512_set1_ps(float(kG)), two = _mm512_set1_ps(2.0f);
+    constexpr float kLevels[4] = {15.0f, 14.5f, 15.5f, 14.0f};
+    __m512 best_d = zero, best_m = mn, best_err = _mm512_set1_ps(3.4e38f);
+    for (float levels : kLevels) {
+      const __m512 is = _mm512_mul_ps(_mm512_set1_ps(levels), inv_range);
+      __m512 sl = zero, sll = zero, slv = zero;
+      for (int i = 0; i < kG; ++i) {
+        const __m512 q = nearest_levels(_mm512_sub_ps(t[i], mn), is, 0.0f, 15.0f);
+        sl = _mm512_add_ps(sl, q);
+        sll = _mm512_fmadd_ps(q, q, sll);
+        slv = _mm512_fmadd_ps(q, t[i], slv);
+      }
+      const __m512 det = _mm512_sub_ps(_mm512_mul_ps(n, sll), _mm512_mul_ps(sl, sl));
+      const __mmask16 ok = _mm512_mask_cmp_ps_mask(spread, det, zero, _CMP_GT_OQ);
+      const __m512 d = _mm512_maskz_div_ps(ok, _mm512_sub_ps(_mm512_mul_ps(n, slv), _mm512_mul_ps(sl, sv)), det);
+      const __m512 m = _mm512_maskz_div_ps(ok, _mm512_sub_ps(_mm512_mul_ps(sll, sv), _mm512_mul_ps(sl, slv)), det);
+      // sum (d l + m - v)^2 = d^2 Sll + 2 d m Sl + n m^2 - 2 d Slv - 2 m Sv + Svv
+      __m512 err = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(d, d), sll),
+                                 _mm512_mul_ps(_mm512_mul_ps(two, _mm512_mul_ps(d, m)), sl));
+      err = _mm512_add_ps(err, _mm512_mul_ps(n, _mm512_mul_ps(m, m)));
+      err = _mm512_sub_ps(err, _mm512_mul_ps(two, _mm512_add_ps(_mm512_mul_ps(d, slv), _mm512_mul_ps(m, sv))));
+      err = _mm512_add_ps(err, svv);
+      const __mmask16 take = _mm512_mask_cmp_ps_mask(ok, err, best_err, _CMP_LT_OQ);
+      best_err = _mm512_mask_mov_ps(best_err, take, err);
+      best_d = _mm512_mask_mov_ps(best_d, take, d);
+      best_m = _mm512_mask_mov_ps(best_m, take, m);
+    }
+    *d_out = best_d;
+    *m_out = best_m;
+  } else {
+    mx = _mm512_max_ps(mx, zero);
+    mn = _mm512_min_ps(mn, zero);
+    const __m512 d0 = _mm512_max_ps(_mm512_div_ps(mx, _mm512_set1_ps(31.0f)),
+                                    _mm512_div_ps(_mm512_sub_ps(zero, mn), _mm512_set1_ps(32.0f)));
+    const __mmask16 nonzero = _mm512_cmp_ps_mask(d0, zero, _CMP_NEQ_OQ);
+    __m512 best_d = d0, best_gain = zero;  // the largest Sqv^2 / Sqq is the smallest error
+    for (float shrink : {1.0f, 0.96f, 0.92f}) {
+      const __m512 inv = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.0f), _mm512_mul_ps(d0, _mm512_set1_ps(shrink)));
+      __m512 sqv = zero, sqq = zero;
+      for (int i = 0; i < kG; ++i) {
+        const __m512 q = nearest_levels(t[i], inv, -32.0f, 31.0f);
+        sqv = _mm512_fmadd_ps(q, t[i], sqv);
+        sqq = _mm512_fmadd_ps(q, q, sqq);
+      }
+      const __mmask16 ok = _mm512_cmp_ps_mask(sqq, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(sqv, zero, _CMP_GT_OQ);
+      const __m512 gain = _mm512_maskz_div_ps(ok, _mm512_mul_ps(sqv, sqv), sqq);
+      const __mmask16 take = _mm512_mask_cmp_ps_mask(ok, gain, best_gain, _CMP_GT_OQ);
+      best_gain = _mm512_mask_mov_ps(best_gain, take, gain);
+      best_d = _mm512_mask_mov_ps(best_d, take, _mm512_maskz_div_ps(take, sqv, sqq));
+    }
+    *d_out = _mm512_maskz_mov_ps(nonzero, best_d);
+    *m_out = zero;
+  }
+}
+
+// Pass 2 (one group a lane): the candidate codes a (and Q4's c) around d / D and the zero point -8 m / d, the ones
+// whose levels have the smallest error (the first of equals): out = {a, c, their step d, offset m}.
+template <int kTop>
+static void codes_lanes(const __m512* t, float D, __m512 fd, __m512 fm, __m512* out) {
+  const __m512 zero = _mm512_setzero_ps(), vD = _mm512_set1_ps(D);
+  const __m512 a0 = D > 0.0f ? _mm512_roundscale_ps(_mm512_div_ps(fd, vD), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
+                             : zero;
+  __m512 best_err = _mm512_set1_ps(3.4e38f), best_a = zero, best_c = zero, best_d = zero, best_m = zero;
+  for (float step : {0.0f, 1.0f}) {
+    const __m512 a = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(a0, _mm512_set1_ps(step)), zero),
+                                   _mm512_set1_ps(255.0f));
+    const __m512 d = _mm512_mul_ps(vD, a);
+    const __mmask16 nonzero = _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ);
+    const __m512 inv = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.0f), d);
+    const __m512 c0 = _mm512_maskz_roundscale_ps(
+        nonzero, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(-8.0f), fm), d), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    for (float cstep : {0.0f, 1.0f}) {
+      if (kTop == 63 && cstep > 0.0f) break;
+      const __m512 c = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(c0, _mm512_set1_ps(cstep)), _mm512_set1_ps(-128.0f)),
+                                     _mm512_set1_ps(127.0f));
+      const __m512 m = kTop == 63 ? _mm512_mul_ps(_mm512_set1_ps(-32.0f), d)
+                                  : _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(zero, d), c), _mm512_set1_ps(0.125f));
+      __m512 err = zero;
+      for (int i = 0; i < kG; ++i) {
+        const __m512 q = nearest_levels(_mm512_sub_ps(t[i], m), inv, 0.0f, float(kTop));
+        const __m512 r = _mm512_sub_ps(_mm512_fmadd_ps(q, d, m), t[i]);
+        err = _mm512_fmadd_ps(r, r, err);
+      }
+      const __mmask16 take = _mm512_cmp_ps_mask(err, best_err, _CMP_LT_OQ);
+      best_err = _mm512_mask_mov_ps(best_err, take, err);
+      best_a = _mm512_mask_mov_ps(best_a, take, a);
+      best_c = _mm512_mask_mov_ps(best_c, take, c);
+      best_d = _mm512_mask_mov_ps(best_d, take, d);
+      best_m = _mm512_mask_mov_ps(best_m, take, m);
+    }
+  }
+  out[0] = best_a, out[1] = best_c, out[2] = best_d, out[3] = best_m;
+}
+
+// Columns of a 16 x 16 matrix of floats into rows, in place.
+static inline void transpose16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i)  // each 128-bit lane L: rows 2i, 2i+1 of columns 4L..4L+1, then 4L+2..4L+3
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]), t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) {  // u[4i + c], lane L: rows 4i..4i+3 of column 4L + c
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4L + c: lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+    const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 e = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 f = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_f32x4(a, e, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(b, f, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(a, e, 0xdd);
+    r[12 + c] = _mm512_shuffle_f32x4(b, f, 0xdd);
+  }
+}
+#endif
 
 // Q4 / Q6, one whole row (its codes are relative to the row's D): every group's best d (and Q4's m), D from the
 // largest d, then per group the codes on either side of d / D (and of Q4's zero point -8 m / d), keeping those whose
@@ -885,6 +922,50 @@ static void quantize_coded_row(const float* x, int64_t k, uint8_t* block, int la
   std::frexp(amax, &e);
   e = std::max(e, -120);  // (a row of subnormals: scaled by at most 2^120)
   const float scale = std::ldexp(1.0f, -e);
+#if defined(__AVX512F__)
+  // The row scaled and zero-padded to whole sets of 16 groups, each set transposed (t: value i of its 16 groups
+  // at t[i]); pass 1 on each set, D, pass 2, then each group's levels from its chosen d and m.
+  const int64_t sets = (groups + 15) / 16;
+  std::vector<float> v(size_t(sets * 16 * kG), 0.0f);
+  for (int64_t i = 0; i < k; ++i) v[size_t(i)] = x[i] * scale;
+  std::vector<__m512> t(size_t(sets * kG)), fit(size_t(2 * sets));
+  __m512 dmax16 = _mm512_setzero_ps();
+  for (int64_t s = 0; s < sets; ++s) {
+    __m512* ts = &t[size_t(s * kG)];
+    for (int half = 0; half < 2; ++half) {
+      for (int j = 0; j < 16; ++j) ts[16 * half + j] = _mm512_loadu_ps(&v[size_t((s * 16 + j) * kG + 16 * half)]);
+      transpose16(ts + 16 * half);
+    }
+    fit_lanes<kTop>(ts, &fit[size_t(2 * s)], &fit[size_t(2 * s + 1)]);
+    dmax16 = _mm512_max_ps(dmax16, fit[size_t(2 * s)]);
+  }
+  const float D = bf16_ceil(_mm512_reduce_max_ps(dmax16) / 255.0f);  // of the scaled row: d is at most about 1
+  const uint16_t D16 = f32_to_bf16(std::ldexp(D, e));                 // exact unless beyond bf16's normal range
+  std::memcpy(block + 2 * lane, &D16, 2);
+  constexpr int64_t scales = quant_scale_bytes(f);
+  for (int64_t s = 0; s < sets; ++s) {
+    __m512 best[4];
+    codes_lanes<kTop>(&t[size_t(s * kG)], D, fit[size_t(2 * s)], fit[size_t(2 * s + 1)], best);
+    alignas(64) float a[16], c[16], d[16], m[16];
+    _mm512_store_ps(a, best[0]);
+    _mm512_store_ps(c, best[1]);
+    _mm512_store_ps(d, best[2]);
+    _mm512_store_ps(m, best[3]);
+    for (int j = 0; j < 16 && s * 16 + j < groups; ++j) {
+      const int64_t g = s * 16 + j;
+      uint8_t* p = block + quant_header_bytes(f) + g * gb;
+      p[lane] = uint8_t(int(a[j]));
+      if (kTop == 15) p[kQuantRows + lane] = uint8_t(int8_t(int(c[j])));
+      const __m512 inv = _mm512_set1_ps(d[j] > 0.0f ? 1.0f / d[j] : 0.0f), vm = _mm512_set1_ps(m[j]);
+      float l[kG];
+      for (int h = 0; h < 2; ++h)
+        _mm512_storeu_ps(l + 16 * h, nearest_levels(_mm512_sub_ps(_mm512_loadu_ps(&v[size_t(g * kG + 16 * h)]), vm),
+                                                    inv, 0.0f, float(kTop)));
+      pack_levels(f, l, p + scales + (kG / 2) * lane,
+                  f == Format::Q6 ? p + scales + kQuantRows * (kG / 2) + 8 * lane : nullptr);
+    }
+  }
+#else
   auto fill = [&](int64_t g, float* v) {
     const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
     fill_group(x + i0, n, v);
@@ -928,6 +1009,7 @@ static void quantize_coded_row(const float* x, int64_t k, uint8_t* block, int la
     pack_levels(f, best_levels, p + scales + (kG / 2) * lane,
                 f == Format::Q6 ? p + scales + kQuantRows * (kG / 2) + 8 * lane : nullptr);
   }
+#endif
 }
 
 // Row `lane` of the block at `block` (tensor.h's layout) from k floats; false when a value does not fit the format
