@@ -1113,7 +1113,7 @@ static void dequant_coded(const uint8_t* block, int lane, int64_t k, float* out)
 // Inputs per pass over a block's weights: VNNI's dot products leave the per-group work on the weights (loading,
 // unpacking, scales) the larger share, so it is shared by more inputs there.
 #if defined(__AVX512VNNI__)
-constexpr int kQuantInputs = 4;
+constexpr int kQuantInputs = 8;
 #else
 constexpr int kQuantInputs = 2;
 #endif
