@@ -1195,6 +1195,12 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
       for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
+      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb), _MM_HINT_T0);  // as the AVX-512 path's
+      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb + 128), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 64), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 128), _MM_HINT_T1);
       const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
       __m256i wv[kQuantRows];
       for (int j = 0; j < kQuantRows; ++j)
@@ -1315,6 +1321,10 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
       for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
+      _mm_prefetch(reinterpret_cast<const char*>(p + 16 * bb), _MM_HINT_T0);  // as the AVX-512 path's
+      _mm_prefetch(reinterpret_cast<const char*>(p + 16 * bb + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 128 * bb), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 128 * bb + 64), _MM_HINT_T1);
       const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(load_u32(p))));
       // the offsets' weights: a c (Q4) or a (Q6), exact
       const __m128i zero_points = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(load_u32(p + 4)));  // (Q4 only)
