@@ -535,14 +535,14 @@ static void pack_levels(Format f, const float* l, uint8_t* nibbles, uint8_t* hig
                                    _mm_or_si128(_mm_slli_epi16(t1, 4), _mm_slli_epi16(_mm_srli_si128(t1, 8), 6)));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(high), h);
   }
-  return;
-#endif
+#else
   int q[kG];
   for (int i = 0; i < kG; ++i) q[i] = int(l[i]);
   for (int i = 0; i < kG / 2; ++i) nibbles[i] = uint8_t((q[i] & 15) | ((q[i + kG / 2] & 15) << 4));
   if (f == Format::Q6)
     for (int i = 0; i < 8; ++i)
       high[i] = uint8_t((q[i] >> 4) | ((q[i + 8] >> 4) << 2) | ((q[i + 16] >> 4) << 4) | ((q[i + 24] >> 4) << 6));
+#endif
 }
 
 #if !defined(__AVX512F__)  // (the AVX-512 set runs the same search 16 groups at a time, below)
@@ -550,37 +550,8 @@ static void pack_levels(Format f, const float* l, uint8_t* nibbles, uint8_t* hig
 // range / 15, each refined by least squares (the best d and m for its levels); the candidate with the smallest
 // squared error wins (the first of equals). The error comes from the sums alone:
 // sum (d l + m - v)^2 = d^2 Sll + 2 d m Sl + n m^2 - 2 d Slv - 2 m Sv + Svv.
-#if defined(__AVX2__)
-// The least-squares d and m of the 4 candidates' levels from their sums, and the one with the smallest error.
-static inline void solve_q4(__m128 Sl, __m128 Sll, __m128 Slv, float sv, float svv, float mn, float* d_out,
-                            float* m_out) {
-  const __m128 Sv = _mm_set1_ps(sv), Svv = _mm_set1_ps(svv), N = _mm_set1_ps(float(kG)), two = _mm_set1_ps(2.0f);
-  const __m128 det = _mm_sub_ps(_mm_mul_ps(N, Sll), _mm_mul_ps(Sl, Sl));
-  const __m128 d = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(N, Slv), _mm_mul_ps(Sl, Sv)), det);
-  const __m128 m = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(Sll, Sv), _mm_mul_ps(Sl, Slv)), det);
-  __m128 err = _mm_add_ps(_mm_mul_ps(_mm_mul_ps(d, d), Sll), _mm_mul_ps(_mm_mul_ps(two, _mm_mul_ps(d, m)), Sl));
-  err = _mm_add_ps(err, _mm_mul_ps(N, _mm_mul_ps(m, m)));
-  err = _mm_sub_ps(err, _mm_mul_ps(two, _mm_add_ps(_mm_mul_ps(d, Slv), _mm_mul_ps(m, Sv))));
-  err = _mm_add_ps(err, Svv);
-  alignas(16) float e[4], dd[4], mm[4], dt[4];
-  _mm_store_ps(e, err);
-  _mm_store_ps(dd, d);
-  _mm_store_ps(mm, m);
-  _mm_store_ps(dt, det);
-  float best_d = 0.0f, best_m = mn, best_err = 3.4e38f;
-  for (int c = 0; c < 4; ++c)
-    if (dt[c] > 0.0f && e[c] < best_err) {
-      best_err = e[c];
-      best_d = dd[c];
-      best_m = mm[c];
-    }
-  *d_out = best_d;
-  *m_out = best_m;
-}
-#endif
-
 static void fit_q4_group(const float* v, float* d_out, float* m_out) {
-  constexpr float kLevels[4] = {15.0f, 14.5f, 15.5f, 14.0f};
+  constexpr float kLevels[4] = {15.0f, 14.5f, 15.5f, 14.0f}, n = float(kG);
 #if defined(__AVX2__)
   // All in registers: the group (4 vectors), the 4 candidates' 12 sums reduced together, their fits side by side.
   __m256 x[4];
@@ -632,9 +603,29 @@ static void fit_q4_group(const float* v, float* d_out, float* m_out) {
   const __m128 Sl = _mm256_castps256_ps128(t0), Sll = _mm256_extractf128_ps(t0, 1), Slv = _mm256_castps256_ps128(t1);
   alignas(16) float rest[4];
   _mm_store_ps(rest, _mm256_extractf128_ps(t1, 1));
-  solve_q4(Sl, Sll, Slv, rest[0], rest[1], mn, d_out, m_out);
+  const __m128 Sv = _mm_set1_ps(rest[0]), Svv = _mm_set1_ps(rest[1]), N = _mm_set1_ps(n), two = _mm_set1_ps(2.0f);
+  const __m128 det = _mm_sub_ps(_mm_mul_ps(N, Sll), _mm_mul_ps(Sl, Sl));
+  const __m128 d = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(N, Slv), _mm_mul_ps(Sl, Sv)), det);
+  const __m128 m = _mm_div_ps(_mm_sub_ps(_mm_mul_ps(Sll, Sv), _mm_mul_ps(Sl, Slv)), det);
+  __m128 err = _mm_add_ps(_mm_mul_ps(_mm_mul_ps(d, d), Sll), _mm_mul_ps(_mm_mul_ps(two, _mm_mul_ps(d, m)), Sl));
+  err = _mm_add_ps(err, _mm_mul_ps(N, _mm_mul_ps(m, m)));
+  err = _mm_sub_ps(err, _mm_mul_ps(two, _mm_add_ps(_mm_mul_ps(d, Slv), _mm_mul_ps(m, Sv))));
+  err = _mm_add_ps(err, Svv);
+  alignas(16) float e[4], dd[4], mm[4], dt[4];
+  _mm_store_ps(e, err);
+  _mm_store_ps(dd, d);
+  _mm_store_ps(mm, m);
+  _mm_store_ps(dt, det);
+  float best_d = 0.0f, best_m = mn, best_err = 3.4e38f;
+  for (int c = 0; c < 4; ++c)
+    if (dt[c] > 0.0f && e[c] < best_err) {
+      best_err = e[c];
+      best_d = dd[c];
+      best_m = mm[c];
+    }
+  *d_out = best_d;
+  *m_out = best_m;
 #else
-  constexpr float n = float(kG);
   float lo = v[0], hi = v[0], Sv = 0.0f, Svv = 0.0f;
   for (int i = 0; i < kG; ++i) {
     lo = v[i] < lo ? v[i] : lo;
@@ -702,20 +693,6 @@ static float group_levels(const float* v, float d, float m, float* l) {
   }
 #endif
   return err;
-}
-
-// The candidate (step d[c], offset m[c], c < NC) whose levels reconstruct v with the smallest squared error (the
-// first of equals), its levels into l.
-template <int kTop, int NC>
-static int best_levels_of(const float* v, const float* d, const float* m, float* l) {
-  int best = 0;
-  float best_err = 0.0f;
-  for (int c = 0; c < NC; ++c) {
-    const float err = group_levels<kTop>(v, d[c], m[c], nullptr);
-    if (c == 0 || err < best_err) best = c, best_err = err;
-  }
-  group_levels<kTop>(v, d[best], m[best], l);
-  return best;
 }
 
 // Q6's step d >= 0 of a group (levels q - 32 in -32..31): candidates from the extremes and a little below (clipping
@@ -853,8 +830,9 @@ static void codes_lanes(const __m512* t, float D, __m512 fd, __m512 fm, __m512* 
     const __m512 d = _mm512_mul_ps(vD, a);
     const __mmask16 nonzero = _mm512_cmp_ps_mask(d, zero, _CMP_GT_OQ);
     const __m512 inv = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.0f), d);
-    const __m512 c0 = _mm512_maskz_roundscale_ps(
-        nonzero, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(-8.0f), fm), d), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 zp = _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(-8.0f), fm), d);  // (Q4 only: Q6 has none)
+    const __m512 c0 = kTop == 63 ? zero
+                                 : _mm512_maskz_roundscale_ps(nonzero, zp, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     for (float cstep : {0.0f, 1.0f}) {
       if (kTop == 63 && cstep > 0.0f) break;
       const __m512 c = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(c0, _mm512_set1_ps(cstep)), _mm512_set1_ps(-128.0f)),
@@ -987,25 +965,31 @@ static void quantize_coded_row(const float* x, int64_t k, uint8_t* block, int la
     fill(g, v);
     const float a0 = D > 0.0f ? std::floor(dm[size_t(2 * g)] / D) : 0.0f;
     uint8_t* p = block + quant_header_bytes(f) + g * gb;
-    float cd[4], cm[4], ca[4], cc[4] = {};  // the candidates: d, m and their codes a, c
-    int nc = 0;
+    float best = 3.4e38f, best_d = 0.0f, best_m = 0.0f;
     for (float a : {a0, a0 + 1.0f}) {
       a = std::min(std::max(a, 0.0f), 255.0f);
       const float d = D * a;
       if (kTop == 63) {
-        cd[nc] = d, cm[nc] = -32.0f * d, ca[nc++] = a;
+        const float err = group_levels<63>(v, d, -32.0f * d, nullptr);
+        if (err < best) {
+          best = err, best_d = d, best_m = -32.0f * d;
+          p[lane] = uint8_t(int(a));
+        }
         continue;
       }
       const float c0 = d > 0.0f ? std::floor(-8.0f * dm[size_t(2 * g + 1)] / d) : 0.0f;
       for (float c : {c0, c0 + 1.0f}) {
         c = std::min(std::max(c, -128.0f), 127.0f);
-        cd[nc] = d, cm[nc] = -d * c * 0.125f, ca[nc] = a, cc[nc++] = c;
+        const float m = -d * c * 0.125f, err = group_levels<15>(v, d, m, nullptr);
+        if (err < best) {
+          best = err, best_d = d, best_m = m;
+          p[lane] = uint8_t(int(a));
+          p[kQuantRows + lane] = uint8_t(int8_t(int(c)));
+        }
       }
     }
     float best_levels[kG];
-    const int b = best_levels_of<kTop, kTop == 15 ? 4 : 2>(v, cd, cm, best_levels);
-    p[lane] = uint8_t(int(ca[b]));
-    if (kTop == 15) p[kQuantRows + lane] = uint8_t(int8_t(int(cc[b])));
+    group_levels<kTop>(v, best_d, best_m, best_levels);
     pack_levels(f, best_levels, p + scales + (kG / 2) * lane,
                 f == Format::Q6 ? p + scales + kQuantRows * (kG / 2) + 8 * lane : nullptr);
   }
@@ -1195,7 +1179,8 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
       for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
-      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb), _MM_HINT_T0);  // as the AVX-512 path's
+      // as the AVX-512 path's, with every line of the near group too
+      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb + 64), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb + 128), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb), _MM_HINT_T1);
