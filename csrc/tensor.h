@@ -55,17 +55,18 @@ struct Tensor {
 
 // How a parameter is stored. Plain formats hold one element per value, row by row. Quantized ones cut each row into
 // groups of kQuantGroup values (the last one zero-padded):
-//   Q8: value = d * q, q int8 in [-127, 127], d a float16 per group                              8.5 bits per weight
+//   Q8: value = d * q, q int8 in [-127, 127], d = D * a: the row's step D (bfloat16) and per group the code a
+//       (uint8)                                                                                  8.25 bits per weight
 //   Q4: value = d * q + m, q in [0, 15] (two per byte), d = D * a, m = -d * c / 8: the row's step D (bfloat16) and
 //       per group the codes a (uint8) and c (int8, a zero point in eighths of a level)          4.5 bits per weight
 //   Q6: value = d * (q - 32), q in [0, 63], d = D * a (for the embedding and lm_head of an int4 model, symmetric
 //       as llama.cpp's Q6_K)                                                                     6.25 bits per weight
 // (D has 8 significant bits and a 8, so d, d * q and m are exact in float32 and a value is one rounding of d q + m,
-// or exact for Q6.) Blocks keep kQuantRows rows together (the last block zero-padded), group by group, so that a
+// or exact for Q8 and Q6.) Blocks keep kQuantRows rows together (the last block zero-padded), group by group, so that a
 // one-row matmul reads the matrix as one sequential stream (rows of 1536 int8 are too short for the prefetchers
-// one by one). A block of 4 rows is quant_block_bytes(f, cols) long: a header (Q4, Q6: D0..D3 as bfloat16; Q8:
-// none), then its groups, group g at byte header + g * quant_group_bytes: the 4 rows' scales first (Q8: d0..d3 as
-// float16; Q4: a0..a3, c0..c3; Q6: a0..a3), then each row's levels (Q8: 32 bytes; Q4 and Q6: 16 bytes, byte j
+// one by one). A block of 4 rows is quant_block_bytes(f, cols) long: a header (D0..D3 as bfloat16), then its
+// groups, group g at byte header + g * quant_group_bytes: the 4 rows' codes first (Q8, Q6: a0..a3; Q4: a0..a3,
+// c0..c3), then each row's levels (Q8: 32 bytes; Q4 and Q6: 16 bytes, byte j
 // holding the low 4 bits of value j in its low nibble and of value j + 16 in its high one), then (Q6) each row's
 // top 2 bits of its levels (8 bytes: bits 2s, 2s + 1 of byte j those of value j + 8s). The model picks a format per
 // tensor, so one model may mix them.
@@ -84,9 +85,9 @@ inline const char* format_name(Format f) {
 inline bool is_quantized(Format f) { return f == Format::Q8 || f == Format::Q4 || f == Format::Q6; }
 constexpr int64_t quant_groups(int64_t cols) { return (cols + kQuantGroup - 1) / kQuantGroup; }
 constexpr int64_t quant_blocks(int64_t rows) { return (rows + kQuantRows - 1) / kQuantRows; }
-constexpr int64_t quant_header_bytes(Format f) { return f == Format::Q4 || f == Format::Q6 ? kQuantRows * 2 : 0; }
-constexpr int64_t quant_scale_bytes(Format f) {  // the scales of one group of a block's 4 rows
-  return f == Format::Q6 ? kQuantRows : 2 * kQuantRows;
+constexpr int64_t quant_header_bytes(Format) { return kQuantRows * 2; }
+constexpr int64_t quant_scale_bytes(Format f) {  // the codes of one group of a block's 4 rows
+  return f == Format::Q4 ? 2 * kQuantRows : kQuantRows;
 }
 constexpr int64_t quant_group_bytes(Format f) {  // one group of a block's 4 rows: their scales, then their levels
   return quant_scale_bytes(f) + kQuantRows * (f == Format::Q8   ? kQuantGroup

@@ -173,8 +173,8 @@ class CpuBackend final : public Backend {
       upload(one, 0, static_cast<const char*>(src) + (r - row0) * k * int64_t(dtype_size(src_dtype)), src_dtype, k);
       if (!K_.quantize_row(dst.format, row.data(), k, dst.data.row<uint8_t>(r / kQuantRows), int(r % kQuantRows)))
         throw std::invalid_argument(std::string("a weight has a value that ") + format_name(dst.format) +
-                                    " cannot hold (NaN, inf, |x| >= 2^125, or a float16 scale that would "
-                                    "overflow); load this model in bfloat16 or float32");
+                                    " cannot hold (NaN, inf or |x| >= 2^125); load this model in bfloat16 or "
+                                    "float32");
     }
   }
 

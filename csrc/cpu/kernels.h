@@ -37,10 +37,10 @@ struct CpuKernels {
   // take integer dot products with the weights' levels; each group's sum is scaled in float32. A row's result is
   // the same whatever T is. qx, sx, xsum hold T rows (strides groups * 32, groups, groups); y is (T, ldy); r0 is a
   // multiple of 4 rows.
-  // At load: row `lane` of the block at `block` from k floats (Q8 symmetric, d = max|x| / 127; Q4's d and m and
-  // Q6's d per group minimise the squared error over a few candidate steps, each refined by least squares, then the
-  // 8-bit codes on either side of them that minimise it). False when a value is not finite or |x| >= 2^125, or a Q8
-  // scale does not fit float16.
+  // At load: row `lane` of the block at `block` from k floats (Q8 symmetric, d = max|x| / 127 coded upwards; Q4's
+  // d and m and Q6's d per group minimise the squared error over a few candidate steps, each refined by least
+  // squares, then the 8-bit codes on either side of them that minimise it). False when a value is not finite or
+  // |x| >= 2^125.
   bool (*quantize_row)(Format f, const float* x, int64_t k, uint8_t* block, int lane);
   void (*quantize_x)(const float* x, int64_t k, int8_t* qx, float* sx, float* xsum);
   void (*gemm_q8)(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, int64_t T, float* y,

@@ -468,18 +468,6 @@ static inline float round_even(float v) {  // to nearest even for |v| < 2^22, wi
 }
 static inline float sum8(const float* s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
 
-// A float16 into 2 bytes; false when it does not fit (then nothing sensible can be stored).
-static inline bool put_f16(uint8_t* p, float v) {
-  const uint16_t h = f32_to_f16(v);
-  std::memcpy(p, &h, 2);
-  return (h & 0x7c00u) != 0x7c00u;
-}
-static inline float get_f16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return h2f(h);
-}
-
 // A group of n <= 32 values, zero-padded to 32.
 static inline void fill_group(const float* x, int64_t n, float* v) {
   if (n == kG) {
@@ -487,27 +475,6 @@ static inline void fill_group(const float* x, int64_t n, float* v) {
     return;
   }
   for (int i = 0; i < kG; ++i) v[i] = i < n ? x[i] : 0.0f;
-}
-
-static bool quantize_q8_group(const float* v, uint8_t* scale, int8_t* out) {
-  float am[8] = {};
-  for (int b = 0; b < kG; b += 8)
-    for (int j = 0; j < 8; ++j) {
-      const float a = std::fabs(v[b + j]);
-      am[j] = a > am[j] ? a : am[j];
-    }
-  float amax = am[0];
-  for (int j = 1; j < 8; ++j) amax = am[j] > amax ? am[j] : amax;
-  // The stored (float16) step is the one used to round, so the levels match what is dequantized.
-  if (!put_f16(scale, amax / 127.0f)) return false;
-  const float step = get_f16(scale), inv = step > 0.0f ? 1.0f / step : 0.0f;
-  for (int i = 0; i < kG; ++i) {
-    float q = round_even(v[i] * inv);
-    q = q < -127.0f ? -127.0f : q;
-    q = q > 127.0f ? 127.0f : q;
-    out[i] = int8_t(int(q));
-  }
-  return true;
 }
 
 // The smallest float32 of bfloat16 precision (8 significant bits) at or above v >= 0.
@@ -879,15 +846,9 @@ static inline void transpose16(__m512* r) {
 }
 #endif
 
-// Q4 / Q6, one whole row (its codes are relative to the row's D): every group's best d (and Q4's m), D from the
-// largest d, then per group the codes on either side of d / D (and of Q4's zero point -8 m / d), keeping those whose
-// levels have the smallest error.
-template <Format f>
-static void quantize_coded_row(const float* x, int64_t k, uint8_t* block, int lane) {
-  constexpr int kTop = f == Format::Q4 ? 15 : 63;
-  const int64_t groups = quant_groups(k), gb = quant_group_bytes(f);
-  // The search runs on the row scaled by a power of two to a largest |value| in [0.5, 1): exact, so the codes are
-  // those of any scale of the row, and the sums of squares can neither overflow nor underflow.
+// The exponent e of a row's largest |value| (in [2^(e-1), 2^e)); at least -120, so that a row of subnormals is
+// scaled by at most 2^120.
+static int row_exponent(const float* x, int64_t k) {
   uint32_t top = 0;
   for (int64_t i = 0; i < k; ++i) {
     uint32_t u;
@@ -898,7 +859,59 @@ static void quantize_coded_row(const float* x, int64_t k, uint8_t* block, int la
   std::memcpy(&amax, &top, 4);
   int e = 0;
   std::frexp(amax, &e);
-  e = std::max(e, -120);  // (a row of subnormals: scaled by at most 2^120)
+  return std::max(e, -120);
+}
+
+// Q8, one whole row: each group's step from its largest |value| (max / 127), coded against the row's D = the
+// largest step / 255 rounded up to bfloat16 precision. Rounding the code up (a = ceil(step / D)) keeps every level
+// within 127; the step grows by less than 1/a, under 0.4% for groups whose largest |value| is half the row's.
+static void quantize_q8_row(const float* x, int64_t k, uint8_t* block, int lane) {
+  const int64_t groups = quant_groups(k), gb = quant_group_bytes(Format::Q8);
+  const int e = row_exponent(x, k);  // scaled as the coded formats' rows: the codes do not depend on the scale
+  const float scale = std::ldexp(1.0f, -e);
+  std::vector<float> v(size_t(groups * kG), 0.0f), step(static_cast<size_t>(groups));
+  for (int64_t i = 0; i < k; ++i) v[size_t(i)] = x[i] * scale;
+  float smax = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    float am[8] = {};
+    for (int b = 0; b < kG; b += 8)
+      for (int j = 0; j < 8; ++j) {
+        const float a = std::fabs(v[size_t(g * kG + b + j)]);
+        am[j] = a > am[j] ? a : am[j];
+      }
+    float amax = am[0];
+    for (int j = 1; j < 8; ++j) amax = am[j] > amax ? am[j] : amax;
+    step[size_t(g)] = amax / 127.0f;
+    smax = std::max(smax, step[size_t(g)]);
+  }
+  const float D = bf16_ceil(smax / 255.0f);
+  const uint16_t D16 = f32_to_bf16(std::ldexp(D, e));  // exact unless beyond bf16's normal range
+  std::memcpy(block + 2 * lane, &D16, 2);
+  for (int64_t g = 0; g < groups; ++g) {
+    uint8_t* p = block + quant_header_bytes(Format::Q8) + g * gb;
+    const float a = D > 0.0f ? std::min(std::ceil(step[size_t(g)] / D), 255.0f) : 0.0f;
+    p[lane] = uint8_t(int(a));
+    const float d = D * a, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    int8_t* q = reinterpret_cast<int8_t*>(p + quant_scale_bytes(Format::Q8) + kG * lane);
+    for (int i = 0; i < kG; ++i) {
+      float l = round_even(v[size_t(g * kG + i)] * inv);
+      l = l < -127.0f ? -127.0f : l;
+      l = l > 127.0f ? 127.0f : l;
+      q[i] = int8_t(int(l));
+    }
+  }
+}
+
+// Q4 / Q6, one whole row (its codes are relative to the row's D): every group's best d (and Q4's m), D from the
+// largest d, then per group the codes on either side of d / D (and of Q4's zero point -8 m / d), keeping those whose
+// levels have the smallest error.
+template <Format f>
+static void quantize_coded_row(const float* x, int64_t k, uint8_t* block, int lane) {
+  constexpr int kTop = f == Format::Q4 ? 15 : 63;
+  const int64_t groups = quant_groups(k), gb = quant_group_bytes(f);
+  // The search runs on the row scaled by a power of two to a largest |value| in [0.5, 1): exact, so the codes are
+  // those of any scale of the row, and the sums of squares can neither overflow nor underflow.
+  const int e = row_exponent(x, k);
   const float scale = std::ldexp(1.0f, -e);
 #if defined(__AVX512F__)
   // The row scaled and zero-padded to whole sets of 16 groups, each set transposed (t: value i of its 16 groups
@@ -997,7 +1010,7 @@ static void quantize_coded_row(const float* x, int64_t k, uint8_t* block, int la
 }
 
 // Row `lane` of the block at `block` (tensor.h's layout) from k floats; false when a value does not fit the format
-// (not finite, |x| >= 2^125, or a Q8 scale beyond float16).
+// (not finite, or |x| >= 2^125).
 static bool quantize_row(Format f, const float* x, int64_t k, uint8_t* block, int lane) {
   // Refused: inf and NaN (a NaN would pass every comparison of the scale searches unseen), and |x| >= 2^125, whose
   // ranges and least-squares sums could overflow float32. One test of the exponent bits; the loop runs to the end
@@ -1011,26 +1024,20 @@ static bool quantize_row(Format f, const float* x, int64_t k, uint8_t* block, in
   if (bad) return false;
   if (f == Format::Q4) return quantize_coded_row<Format::Q4>(x, k, block, lane), true;
   if (f == Format::Q6) return quantize_coded_row<Format::Q6>(x, k, block, lane), true;
-  const int64_t bb = quant_group_bytes(Format::Q8);
-  float v[kG];
-  for (int64_t g = 0; g < quant_groups(k); ++g) {
-    const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
-    fill_group(x + i0, n, v);
-    uint8_t* p = block + g * bb;
-    if (!quantize_q8_group(v, p + 2 * lane, reinterpret_cast<int8_t*>(p + kQuantRows * 2 + kG * lane))) return false;
-  }
+  quantize_q8_row(x, k, block, lane);
   return true;
 }
 
-// One row of a Q8 / Q4 matrix as floats: row `lane` of the block starting at `block` (tensor.h's layout).
+// One row of a Q8 matrix as floats: row `lane` of the block starting at `block` (tensor.h's layout).
 static void dequant_q8(const uint8_t* block, int lane, int64_t k, float* out) {
-  constexpr int64_t bb = kQuantRows * (2 + kG);
+  constexpr int64_t bb = quant_group_bytes(Format::Q8);
+  uint16_t D16;
+  std::memcpy(&D16, block + 2 * lane, 2);
+  const float D = qwen::bf16_to_f32(D16);
   for (int64_t g = 0; g < quant_groups(k); ++g) {
-    const uint8_t* p = block + g * bb;
-    uint16_t h;
-    std::memcpy(&h, p + 2 * lane, 2);
-    const float d = h2f(h);
-    const int8_t* q = reinterpret_cast<const int8_t*>(p + kQuantRows * 2 + kG * lane);
+    const uint8_t* p = block + quant_header_bytes(Format::Q8) + g * bb;
+    const float d = D * float(p[lane]);  // d and d * level exact
+    const int8_t* q = reinterpret_cast<const int8_t*>(p + quant_scale_bytes(Format::Q8) + kG * lane);
     const int64_t i0 = g * kG, n = std::min<int64_t>(kG, k - i0);
     for (int64_t i = 0; i < n; ++i) out[i0 + i] = d * float(q[i]);
   }
@@ -1124,14 +1131,23 @@ static void quant_matmul(int64_t groups, int64_t T, float* y, int64_t ldy, const
   }
 }
 
-// Q8: y[t, r] = sum over groups of d_r,g * sx_t,g * <levels of row r, levels of input t> (+ bias, += y).
+// Q8: y[t, r] = D_r * sum over groups of a_r,g * sx_t,g * <levels of row r, levels of input t> (+ bias, += y):
+// the sums run over the codes, and the row's D multiplies them once at the end.
 static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, int64_t T, float* y,
                     int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
-  constexpr int64_t bb = kQuantRows * (2 + kG);
+  constexpr int64_t bb = quant_group_bytes(Format::Q8), head = quant_header_bytes(Format::Q8);
+  constexpr int64_t scales = quant_scale_bytes(Format::Q8);
   quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, auto n,
                                                                float (*sums)[kQuantRows]) {
     constexpr int nt = decltype(n)::value;
-    const uint8_t* base = W + b * groups * bb;
+    const uint8_t* base = W + b * (head + groups * bb);
+    float D[kQuantRows];
+    for (int j = 0; j < kQuantRows; ++j) {
+      uint16_t h;
+      std::memcpy(&h, base + 2 * j, 2);
+      D[j] = qwen::bf16_to_f32(h);
+    }
+    base += head;
 #if defined(__AVX512VNNI__)
     // VPDPBUSD multiplies unsigned by signed bytes: the inputs' levels go in offset by 128 (x ^ 0x80), and each lane
     // starts from -128 x (its 4 weights' sum), so it ends at the exact dot product. One register holds a group of
@@ -1142,18 +1158,18 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
     for (auto& in : acc) in[0] = in[1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
-      const __m512 d = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-      // The group 8 ahead into L1 and every line of the group 64 ahead (~9 KB) into L2: one-row passes waited on
+      const __m512 a = _mm512_castps128_ps512(_mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(load_u32(p)))));
+      // The group 8 ahead into L1 and every line of the group 64 ahead (~8.5 KB) into L2: one-row passes waited on
       // memory at each group with the near prefetch alone (Zen 4, int8 decode 5-14% faster with the far one).
       _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb + 64), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb), _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 64), _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 128), _MM_HINT_T1);
-      const __m512 d01 = _mm512_permutexvar_ps(two_rows, d);
-      const __m512 d23 = _mm512_permutexvar_ps(_mm512_add_epi32(two_rows, _mm512_set1_epi32(2)), d);
-      const __m512i w01 = _mm512_loadu_si512(p + kQuantRows * 2);
-      const __m512i w23 = _mm512_loadu_si512(p + kQuantRows * 2 + 2 * kG);
+      const __m512 a01 = _mm512_permutexvar_ps(two_rows, a);
+      const __m512 a23 = _mm512_permutexvar_ps(_mm512_add_epi32(two_rows, _mm512_set1_epi32(2)), a);
+      const __m512i w01 = _mm512_loadu_si512(p + scales);
+      const __m512i w23 = _mm512_loadu_si512(p + scales + 2 * kG);
       const __m512i c01 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, w01));
       const __m512i c23 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, w23));
       for (int i = 0; i < nt; ++i) {
@@ -1162,14 +1178,14 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
         const __m512 s = _mm512_set1_ps(sx[(t + i) * groups + g]);
         const __m512 p01 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c01, xv, w01));
         const __m512 p23 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c23, xv, w23));
-        acc[i][0] = _mm512_fmadd_ps(p01, _mm512_mul_ps(d01, s), acc[i][0]);
-        acc[i][1] = _mm512_fmadd_ps(p23, _mm512_mul_ps(d23, s), acc[i][1]);
+        acc[i][0] = _mm512_fmadd_ps(p01, _mm512_mul_ps(a01, s), acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(p23, _mm512_mul_ps(a23, s), acc[i][1]);
       }
     }
     for (int i = 0; i < nt; ++i)
       for (int h = 0; h < 2; ++h) {
-        sums[i][2 * h] = hsum256(_mm512_castps512_ps256(acc[i][h]));
-        sums[i][2 * h + 1] = hsum256(_mm512_extractf32x8_ps(acc[i][h], 1));
+        sums[i][2 * h] = D[2 * h] * hsum256(_mm512_castps512_ps256(acc[i][h]));
+        sums[i][2 * h + 1] = D[2 * h + 1] * hsum256(_mm512_extractf32x8_ps(acc[i][h], 1));
       }
 #elif defined(__AVX2__)
     // |w| (unsigned) times x with w's sign (signed): VPMADDUBSW's operand types; pairs of products fit int16.
@@ -1186,14 +1202,14 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
       _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb), _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 64), _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 128), _MM_HINT_T1);
-      const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+      const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(load_u32(p))));
       __m256i wv[kQuantRows];
       for (int j = 0; j < kQuantRows; ++j)
-        wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kQuantRows * 2 + kG * j));
+        wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + scales + kG * j));
       for (int i = 0; i < nt; ++i) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + (t + i) * groups * kG + g * kG));
         alignas(16) float sc[kQuantRows];
-        _mm_store_ps(sc, _mm_mul_ps(d, _mm_set1_ps(sx[(t + i) * groups + g])));
+        _mm_store_ps(sc, _mm_mul_ps(a, _mm_set1_ps(sx[(t + i) * groups + g])));
         for (int j = 0; j < kQuantRows; ++j) {
           const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv[j], wv[j]), _mm256_sign_epi8(xv, wv[j]));
           acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones)), _mm256_set1_ps(sc[j]), acc[i][j]);
@@ -1201,21 +1217,22 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
       }
     }
     for (int i = 0; i < nt; ++i)
-      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = hsum256(acc[i][j]);
+      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = D[j] * hsum256(acc[i][j]);
 #else
-    for (int i = 0; i < nt; ++i)
+    for (int i = 0; i < nt; ++i) {
+      float sd[kQuantRows] = {};
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* p = base + g * bb;
         const int8_t* x = qx + (t + i) * groups * kG + g * kG;
         for (int j = 0; j < kQuantRows; ++j) {
-          uint16_t h;
-          std::memcpy(&h, p + 2 * j, 2);
-          const int8_t* q = reinterpret_cast<const int8_t*>(p + kQuantRows * 2 + kG * j);
+          const int8_t* q = reinterpret_cast<const int8_t*>(p + scales + kG * j);
           int32_t dot = 0;
           for (int e = 0; e < kG; ++e) dot += int32_t(q[e]) * int32_t(x[e]);
-          sums[i][j] += float(dot) * (h2f(h) * sx[(t + i) * groups + g]);
+          sd[j] += float(dot) * (float(p[j]) * sx[(t + i) * groups + g]);
         }
       }
+      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = D[j] * sd[j];
+    }
 #endif
   });
 }

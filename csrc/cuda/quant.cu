@@ -1,14 +1,12 @@
-// Quantized weights (tensor.h's Q8, Q4 and Q6: groups of 32 values of 4 rows; Q8 with float16 steps, Q4 and Q6
-// with 8-bit codes of each row's bfloat16 step) on the device, in the host's layout byte for byte.
+// Quantized weights (tensor.h's Q8, Q4 and Q6: groups of 32 values of 4 rows, steps as 8-bit codes of each row's
+// bfloat16 step) on the device, in the host's layout byte for byte.
 //
 //   one token    y = W · x with bf16 x: each lane takes whole groups of a block of 4 rows (all of the group's bytes,
-//                read once, with 8-byte loads, 4-byte for Q6), widens the levels in registers and keeps four f32
+//                read once, with 8-byte loads, 4-byte for Q8 and Q6), widens the levels in registers and keeps four f32
 //                sums; per group, sum_j x_j q_j is scaled by d (Q4, Q6: plus m · sum_j x_j). Each block of rows
 //                belongs to 1, 2, 4 or 8 warps of one CUDA block, as in the bf16 GEMV (gemv.cu).
 //   dequantize   rows of W to bf16 (a tile that cuBLAS then multiplies) or f32 (the embedding lookup of token
 //                ids from StepParams), 8 values a thread.
-#include <cuda_fp16.h>
-
 #include "cuda/kernels.cuh"
 #include "tensor.h"
 
@@ -22,11 +20,11 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kG = int(kQuantGroup);
 static_assert(kQuantGroup == 32 && kQuantRows == 4, "the kernels below are written for groups of 32 and 4 rows");
 
-// tensor.h's layout of a block of 4 rows: a header (Q4, Q6: D0..D3 as bfloat16), then groups of 4 rows: scales
-// (Q8: d0..d3 as float16; Q4: codes a0..a3 as uint8, c0..c3 as int8; Q6: a0..a3), then each row's levels.
+// tensor.h's layout of a block of 4 rows: a header (D0..D3 as bfloat16), then groups of 4 rows: codes (Q8, Q6:
+// a0..a3 as uint8; Q4: a0..a3, then c0..c3 as int8), then each row's levels.
 template <Format F> struct Layout;
 template <> struct Layout<Format::Q8> {
-  static constexpr int kHeader = 0, kScales = 8, kLevels = 32, kBlock = kScales + 4 * kLevels;  // 136
+  static constexpr int kHeader = 8, kScales = 4, kLevels = 32, kBlock = kScales + 4 * kLevels;  // 132
 };
 template <> struct Layout<Format::Q4> {
   static constexpr int kHeader = 8, kScales = 8, kLevels = 16, kBlock = kScales + 4 * kLevels;  // 72
@@ -35,6 +33,8 @@ template <> struct Layout<Format::Q6> {  // the low 4 bits as Q4, then each row'
   static constexpr int kHeader = 8, kScales = 4, kLevels = 16, kHigh = kScales + 4 * kLevels, kBlock = kHigh + 4 * 8;
 };
 static_assert(Layout<Format::Q8>::kBlock == quant_group_bytes(Format::Q8) &&
+              Layout<Format::Q8>::kScales == quant_scale_bytes(Format::Q8) &&
+              Layout<Format::Q8>::kHeader == quant_header_bytes(Format::Q8) &&
               Layout<Format::Q4>::kBlock == quant_group_bytes(Format::Q4) &&
               Layout<Format::Q6>::kBlock == quant_group_bytes(Format::Q6) &&
               Layout<Format::Q4>::kScales == quant_scale_bytes(Format::Q4) &&
@@ -47,7 +47,7 @@ template <Format F>
 __device__ __forceinline__ const uint8_t* block_at(const uint8_t* W, int64_t b, int groups) {
   return W + b * (Layout<F>::kHeader + int64_t(groups) * Layout<F>::kBlock);
 }
-// Q4 / Q6: d = D * a of row r of a block, from its header and a group's codes (exact), and Q4's m = -d c / 8.
+// d = D * a of row r of a block, from its header and a group's codes (exact), and Q4's m = -d c / 8.
 __device__ __forceinline__ float coded_step(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r) {
   const uint32_t D = uint32_t(__ldg(reinterpret_cast<const unsigned short*>(block) + r)) << 16;
   return __uint_as_float(D) * float(p[r]);
@@ -55,15 +55,11 @@ __device__ __forceinline__ float coded_step(const uint8_t* __restrict__ block, c
 __device__ __forceinline__ float q4_offset(float d, const uint8_t* __restrict__ p, int r) {
   return -d * float(int8_t(p[4 + r])) * 0.125f;
 }
-// 8 bytes at a 4-byte aligned address (Q6's groups are 100 bytes long).
+// 8 bytes at a 4-byte aligned address (Q8's groups are 132 bytes long, Q6's 100).
 __device__ __forceinline__ uint2 load8(const uint8_t* __restrict__ p) {
   const uint32_t* w = reinterpret_cast<const uint32_t*>(p);
   return uint2{__ldg(w), __ldg(w + 1)};
 }
-
-__device__ __forceinline__ float f16(unsigned short bits) { return __half2float(__ushort_as_half(bits)); }
-__device__ __forceinline__ float f16_lo(uint32_t two) { return f16((unsigned short)(two & 0xffffu)); }
-__device__ __forceinline__ float f16_hi(uint32_t two) { return f16((unsigned short)(two >> 16)); }
 
 // Byte B of w as a float through the exponent of 2^23 (0x4B000000): a byte permute and a subtraction, both at
 // full rate, where an int-to-float conversion runs at a quarter of it. `bias` is 2^23 plus the byte's offset.
@@ -117,16 +113,16 @@ __device__ __forceinline__ void load_x32(const bf16* __restrict__ x, int i0, int
 }
 
 // acc[r] += row r of the group at p · v, for the 4 rows of its block (which starts at `block`).
-__device__ __forceinline__ void group_dot(const uint8_t* __restrict__, const uint8_t* __restrict__ p,
+__device__ __forceinline__ void group_dot(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p,
                                           const float v[32], float acc[4], Layout<Format::Q8>) {
   using L = Layout<Format::Q8>;
-  const uint2 s = __ldg(reinterpret_cast<const uint2*>(p));
   uint2 w[4][4];
 #pragma unroll
   for (int r = 0; r < 4; ++r)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) w[r][c] = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + c);
-  const float d[4] = {f16_lo(s.x), f16_hi(s.x), f16_lo(s.y), f16_hi(s.y)};
+    for (int c = 0; c < 4; ++c) w[r][c] = load8(p + L::kScales + L::kLevels * r + 8 * c);
+  const float d[4] = {coded_step(block, p, 0), coded_step(block, p, 1), coded_step(block, p, 2),
+                      coded_step(block, p, 3)};
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     float sum = 0.0f, q[4];
@@ -245,11 +241,11 @@ __global__ void __launch_bounds__(kThreads) qgemv_kernel(const uint8_t* __restri
 }
 
 // Values 8c .. 8c + 7 of row r of the group at p (of the block at `block`).
-__device__ __forceinline__ void values8(const uint8_t* __restrict__, const uint8_t* __restrict__ p, int r, int c,
+__device__ __forceinline__ void values8(const uint8_t* __restrict__ block, const uint8_t* __restrict__ p, int r, int c,
                                         float v[8], Layout<Format::Q8>) {
   using L = Layout<Format::Q8>;
-  const float d = f16(reinterpret_cast<const unsigned short*>(p)[r]);
-  const uint2 w = __ldg(reinterpret_cast<const uint2*>(p + L::kScales + L::kLevels * r) + c);
+  const float d = coded_step(block, p, r);  // d and d * level exact, as on the CPU
+  const uint2 w = load8(p + L::kScales + L::kLevels * r + 8 * c);
   q8_levels(w.x, v);
   q8_levels(w.y, v + 4);
 #pragma unroll

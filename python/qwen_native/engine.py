@@ -39,7 +39,7 @@ __all__ = ["Model", "GenerationResult", "GenerationStream", "GenerationOptions",
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 DEFAULT_MAX_BATCH = 16  # the most sequences at once (KV cache slots) that load() picks by itself
-_STORED_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32, "int4": 18 / 32}  # per weight, with scales
+_STORED_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 33 / 32, "int4": 18 / 32}  # per weight, with scales
 
 Prompt = Union[str, Sequence[Message]]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -468,8 +468,8 @@ def load(model: PathLike, *, revision: Optional[str] = None, device: str = "cpu"
     `dtype` None picks: on the CPU the checkpoint's own dtype when it is bfloat16 (weights stay bf16, sums in
     float32; prompt matmuls take bf16-rounded inputs where the CPU has AVX512-BF16), else float32; on CUDA
     bfloat16. "float32" is float32 throughout. "int8" and "int4" quantize the weights at load, in groups of
-    32 (int8: float16 steps, 8.5 bits per weight; int4: a step and a zero point per group as 8-bit codes, the
-    step relative to its row's, 4.5 bits per weight, with the embedding and lm_head in 6 bits, 6.25 per weight);
+    32 with each group's step an 8-bit code relative to its row's (int8: 8.25 bits per weight; int4: with a zero
+    point, 4.5 bits per weight, the embedding and lm_head in 6 bits, 6.25 per weight);
     activations stay float32. `max_context` is the KV cache size of a sequence in tokens (None or 0:
     min(max_position_embeddings, 4096)); `max_batch` how many sequences run at once, each with its own KV cache
     (None: sized by :func:`default_max_batch`); `num_threads` the CPU threads (None or 0: all this process may
