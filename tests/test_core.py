@@ -63,6 +63,23 @@ def test_prefill_then_cached_decode_matches_reference(tmp_path, name):
     assert m.length == len(ids) + len(nxt)
 
 
+@pytest.mark.parametrize("name, shape", [
+    ("hd128-gqa6", dict(hidden_size=128, head_dim=128, num_attention_heads=6, num_key_value_heads=1)),
+    ("hd32-gqa3", dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1)),
+    ("hd64-gqa2x2", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)),
+])
+def test_attention_over_many_positions_matches_reference(tmp_path, name, shape):
+    """The query heads of a kv head share each pass over K and V, 32 positions at a time (the AVX-512 set with
+    head_dim 16-128 in registers): prompt rows and decode steps across several such blocks against the reference."""
+    d, cfg, w = checkpoint(tmp_path, disk_dtype="F32", **shape)
+    ids = [(7 * i + 3) % cfg["vocab_size"] for i in range(75)]
+    ref = reference_logits(w, cfg, ids)
+    m = load(d)
+    assert rel_err(m.prefill(ids[:40], all_logits=True), ref[:40]) < TOL
+    for t in range(40, 75):
+        assert rel_err(m.decode(ids[t]), ref[t]) < TOL, f"position {t}"
+
+
 def test_last_logits_default_and_decode_argmax(tmp_path):
     d, cfg, w = checkpoint(tmp_path)
     ref = reference_logits(w, cfg, IDS + NEXT[:3])

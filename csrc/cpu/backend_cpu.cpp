@@ -402,16 +402,25 @@ class CpuBackend final : public Backend {
     const int64_t heads = q.cols / head_dim, group = heads / cache.kv_heads;
     const float scale = 1.0f / std::sqrt(float(head_dim));
     const int64_t blocks = int64_t(blocks_.size());
-    // Work items (head, block of rows of one slot), claimed one at a time.
-    pool_.parallel_for(heads * blocks, 1, [&](int64_t i0, int64_t i1, int tid) {
+    // Work items (block of rows of one slot, kv head, part of its query heads), claimed one at a time. A kv head's
+    // query heads go together (its K and V read once for all of them), split into parts only when there are
+    // fewer items than threads (a decode step of one sequence on more threads than kv heads).
+    const int64_t items = blocks * cache.kv_heads;
+    const int64_t parts = std::min(group, std::max<int64_t>(1, (pool_.size() + items - 1) / items));
+    const int64_t per_part = (group + parts - 1) / parts;
+    pool_.parallel_for(items * parts, 1, [&](int64_t i0, int64_t i1, int tid) {
       std::vector<float>& scores = scratch_[size_t(tid)];
-      if (scores.size() < size_t(cache.max_positions)) scores.resize(size_t(cache.max_positions));
+      const size_t need = size_t(per_part * cache.max_positions);
+      if (scores.size() < need) scores.resize(need);
       for (int64_t it = i0; it < i1; ++it) {
-        const int64_t h = it % heads, g = h / group;
-        const auto [t0, n] = blocks_[size_t(it / heads)];
+        const int64_t part = it % parts, g = it / parts % cache.kv_heads;
+        const int64_t h0 = g * group + part * per_part, nh = std::min(per_part, (g + 1) * group - h0);
+        if (nh <= 0) continue;
+        const auto [t0, n] = blocks_[size_t(it / parts / cache.kv_heads)];
         const int64_t first = cache.row(rows_.slots[t0], g, 0);
-        K_.attend(q.row<float>(t0) + h * head_dim, q.ld, n, cache.k.row<float>(first), cache.v.row<float>(first),
-                  rows_.positions[t0] + 1, head_dim, scale, scores.data(), out.row<float>(t0) + h * head_dim, out.ld);
+        K_.attend(q.row<float>(t0) + h0 * head_dim, q.ld, nh, n, cache.k.row<float>(first),
+                  cache.v.row<float>(first), rows_.positions[t0] + 1, head_dim, scale, scores.data(),
+                  cache.max_positions, out.row<float>(t0) + h0 * head_dim, out.ld);
       }
     }, /*chunks_per_thread=*/1 << 20);
   }

@@ -27,10 +27,12 @@ struct CpuKernels {
   void (*rmsnorm_row)(float* out, const float* x, const float* w, int64_t n, float eps);
   // out[i] = silu(gate[i]) * up[i]
   void (*silu_mul_row)(float* out, const float* gate, const float* up, int64_t n);
-  // Attention of `rows` query rows (row stride ldq/ldo) against one kv head: query row i sees cache positions
-  // 0 .. first_len + i - 1. K, V: (positions, head_dim). scores: scratch of first_len + rows floats.
-  void (*attend)(const float* q, int64_t ldq, int64_t rows, const float* K, const float* V, int64_t first_len,
-                 int64_t head_dim, float scale, float* scores, float* out, int64_t ldo);
+  // Attention of `rows` query rows (row stride ldq/ldo) of `heads` query heads sharing one kv head (head h at
+  // column h * head_dim of q and out): query row i sees cache positions 0 .. first_len + i - 1. K, V: (positions,
+  // head_dim). scores: scratch of heads rows of lds >= first_len + rows floats.
+  void (*attend)(const float* q, int64_t ldq, int64_t heads, int64_t rows, const float* K, const float* V,
+                 int64_t first_len, int64_t head_dim, float scale, float* scores, int64_t lds, float* out,
+                 int64_t ldo);
 
   // Quantized weights (tensor.h's Q8 / Q4 / Q6 blocks of 4 rows; `groups` groups per row). Matmuls quantize each
   // input row once, symmetric int8 per group of 32 (sx[g] its step, xsum[g] = sx[g] * the sum of its levels), and

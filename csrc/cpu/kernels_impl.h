@@ -374,33 +374,93 @@ static void silu_mul_row(float* out, const float* gate, const float* up, int64_t
   }
 }
 
-static void attend(const float* q, int64_t ldq, int64_t rows, const float* K, const float* V, int64_t first_len,
-                   int64_t head_dim, float scale, float* scores, float* out, int64_t ldo) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* qi = q + i * ldq;
-    float* oi = out + i * ldo;
-    const int64_t n = first_len + i;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) {
-      const float s = dot(qi, K + j * head_dim, head_dim) * scale;
-      scores[j] = s;
-      mx = s > mx ? s : mx;
+// q . K[j] * scale for positions j0 .. j1-1, and s[j] += p[j] V[j] summed into o (head_dim floats) over them. With
+// AVX-512 and head_dim a multiple of 16 up to 128 (Qwen2.5: 64, 128): o in registers across the positions, and
+// each dot on two accumulators reduced as a tree (the portable loops kept o in memory and summed each dot's 16
+// lanes one after another: Zen 4, 1.5B int4 decode at 600-1200 positions, 13% of the time in attention).
+#if defined(__AVX512F__)
+template <int kChunks>
+static void attend_block(const float* qh, const float* K, const float* V, int64_t j0, int64_t j1, float scale,
+                         float* s, const float* p, float* o) {
+  constexpr int64_t hd = 16 * kChunks;
+  if (s) {
+    __m512 qv[kChunks];
+    for (int c = 0; c < kChunks; ++c) qv[c] = _mm512_loadu_ps(qh + 16 * c);
+    for (int64_t j = j0; j < j1; ++j) {
+      __m512 a0 = _mm512_mul_ps(qv[0], _mm512_loadu_ps(K + j * hd)), a1 = _mm512_setzero_ps();
+      for (int c = 1; c < kChunks; ++c)
+        (c & 1 ? a1 : a0) = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(K + j * hd + 16 * c), c & 1 ? a1 : a0);
+      s[j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
     }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
-      const float e = exp_nonpos(scores[j] - mx);
-      scores[j] = e;
-      sum += e;
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t d = 0; d < head_dim; ++d) oi[d] = 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
-      const float p = scores[j] * inv;
-      const float* vj = V + j * head_dim;
+    return;
+  }
+  __m512 acc[kChunks];
+  for (int c = 0; c < kChunks; ++c) acc[c] = _mm512_loadu_ps(o + 16 * c);
+  for (int64_t j = j0; j < j1; ++j) {
+    const __m512 pj = _mm512_set1_ps(p[j]);
+    for (int c = 0; c < kChunks; ++c) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(V + j * hd + 16 * c), acc[c]);
+  }
+  for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(o + 16 * c, acc[c]);
+}
+#endif
+
+// s set: scores of positions j0 .. j1-1 into s; else o += the positions' V weighted by p.
+static void attend_positions(const float* qh, const float* K, const float* V, int64_t j0, int64_t j1, int64_t hd,
+                             float scale, float* s, const float* p, float* o) {
+#if defined(__AVX512F__)
+  switch (hd) {
+    case 64: return attend_block<4>(qh, K, V, j0, j1, scale, s, p, o);
+    case 128: return attend_block<8>(qh, K, V, j0, j1, scale, s, p, o);
+    case 16: return attend_block<1>(qh, K, V, j0, j1, scale, s, p, o);
+    case 32: return attend_block<2>(qh, K, V, j0, j1, scale, s, p, o);
+    default: break;
+  }
+#endif
+  if (s) {
+    for (int64_t j = j0; j < j1; ++j) s[j] = dot(qh, K + j * hd, hd) * scale;
+    return;
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const float pj = p[j];
+    const float* vj = V + j * hd;
 #pragma omp simd
-      for (int64_t d = 0; d < head_dim; ++d) oi[d] += p * vj[d];
+    for (int64_t d = 0; d < hd; ++d) o[d] += pj * vj[d];
+  }
+}
+
+// Each head's scores, softmax and weighted sum are what it would get alone, position by position in order; the heads
+// only share the passes over K and V, a block of positions at a time, so that each position's K and V come from
+// memory once for all the heads of a group.
+static void attend(const float* q, int64_t ldq, int64_t heads, int64_t rows, const float* K, const float* V,
+                   int64_t first_len, int64_t head_dim, float scale, float* scores, int64_t lds, float* out,
+                   int64_t ldo) {
+  constexpr int64_t kBlock = 32;  // positions per shared pass: 16 KB of K or V at head_dim 128, kept in L1
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t n = first_len + i;
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock)
+      for (int64_t h = 0; h < heads; ++h)
+        attend_positions(q + i * ldq + h * head_dim, K, V, j0, std::min(n, j0 + kBlock), head_dim, scale,
+                         scores + h * lds, nullptr, nullptr);
+    for (int64_t h = 0; h < heads; ++h) {
+      float* s = scores + h * lds;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        const float e = exp_nonpos(s[j] - mx);
+        s[j] = e;
+        sum += e;
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+      float* oh = out + i * ldo + h * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) oh[d] = 0.0f;
     }
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock)
+      for (int64_t h = 0; h < heads; ++h)
+        attend_positions(nullptr, K, V, j0, std::min(n, j0 + kBlock), head_dim, scale, nullptr, scores + h * lds,
+                         out + i * ldo + h * head_dim);
   }
 }
 
