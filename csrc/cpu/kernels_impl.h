@@ -1088,12 +1088,17 @@ static bool quantize_row(Format f, const float* x, int64_t k, uint8_t* block, in
   return true;
 }
 
+// The step D of row `lane` of a block (its header, tensor.h).
+static inline float row_step(const uint8_t* block, int lane) {
+  uint16_t h;
+  std::memcpy(&h, block + 2 * lane, 2);
+  return qwen::bf16_to_f32(h);
+}
+
 // One row of a Q8 matrix as floats: row `lane` of the block starting at `block` (tensor.h's layout).
 static void dequant_q8(const uint8_t* block, int lane, int64_t k, float* out) {
   constexpr int64_t bb = quant_group_bytes(Format::Q8);
-  uint16_t D16;
-  std::memcpy(&D16, block + 2 * lane, 2);
-  const float D = qwen::bf16_to_f32(D16);
+  const float D = row_step(block, lane);
   for (int64_t g = 0; g < quant_groups(k); ++g) {
     const uint8_t* p = block + quant_header_bytes(Format::Q8) + g * bb;
     const float d = D * float(p[lane]);  // d and d * level exact
@@ -1115,9 +1120,7 @@ template <int kBits>
 static void dequant_coded(const uint8_t* block, int lane, int64_t k, float* out) {
   constexpr Format f = kBits == 4 ? Format::Q4 : Format::Q6;
   constexpr int64_t bb = quant_group_bytes(f), scales = quant_scale_bytes(f);
-  uint16_t D16;
-  std::memcpy(&D16, block + 2 * lane, 2);
-  const float D = qwen::bf16_to_f32(D16);
+  const float D = row_step(block, lane);
   for (int64_t g = 0; g < quant_groups(k); ++g) {
     const uint8_t* p = block + quant_header_bytes(f) + g * bb;
     const float d = D * float(p[lane]);  // d, d * level and m all exact
@@ -1202,11 +1205,7 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
     constexpr int nt = decltype(n)::value;
     const uint8_t* base = W + b * (head + groups * bb);
     float D[kQuantRows];
-    for (int j = 0; j < kQuantRows; ++j) {
-      uint16_t h;
-      std::memcpy(&h, base + 2 * j, 2);
-      D[j] = qwen::bf16_to_f32(h);
-    }
+    for (int j = 0; j < kQuantRows; ++j) D[j] = row_step(base, j);
     base += head;
 #if defined(__AVX512VNNI__)
     // VPDPBUSD multiplies unsigned by signed bytes: the inputs' levels go in offset by 128 (x ^ 0x80), and each lane
@@ -1314,11 +1313,7 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
     constexpr int nt = decltype(n)::value;
     const uint8_t* base = W + b * (head + groups * bb);
     float D[kQuantRows];
-    for (int j = 0; j < kQuantRows; ++j) {
-      uint16_t h;
-      std::memcpy(&h, base + 2 * j, 2);
-      D[j] = qwen::bf16_to_f32(h);
-    }
+    for (int j = 0; j < kQuantRows; ++j) D[j] = row_step(base, j);
     base += head;
 #if defined(__AVX512VNNI__)
     // Levels are unsigned, x's signed: VPDPBUSD as it is. One register holds the group's 4 rows (16 bytes each,
