@@ -121,11 +121,12 @@ void read_tensors(Backend& backend, const std::vector<TensorTarget>& targets, in
     const TensorTarget* t;
     int64_t begin, end;  // bytes of the tensor's source
   };
+  // Quantized and panel-stored weights take whole rows; a plain one any run of elements.
+  auto by_rows = [](const TensorTarget& t) { return is_quantized(t.dst.format) || t.dst.panels; };
   std::vector<Piece> pieces;
   for (const auto& t : targets) {
     const int64_t esize = int64_t(dtype_size(t.src_dtype)), n = t.src->nbytes;
-    const bool by_rows = is_quantized(t.dst.format) || t.dst.panels;
-    const int64_t unit = by_rows ? 32 * t.dst.cols() * esize : esize;
+    const int64_t unit = by_rows(t) ? 32 * t.dst.cols() * esize : esize;
     const int64_t step = std::max<int64_t>(1, piece / unit) * unit;
     for (int64_t b = 0; b < n || b == 0; b += step) pieces.push_back(Piece{&t, b, std::min(n, b + step)});
   }
@@ -147,15 +148,14 @@ void read_tensors(Backend& backend, const std::vector<TensorTarget>& targets, in
         const int64_t esize = int64_t(dtype_size(t->src_dtype));
         const Tensor& data = t->dst.data;
         char* direct = static_cast<char*>(backend.host_data(data));
-        // Quantized and panel-stored weights take whole rows; a plain one any run of elements.
-        const bool by_rows = is_quantized(t->dst.format) || t->dst.panels;
+        const bool rows = by_rows(*t);
         const int64_t begin = pieces[j].begin, end = pieces[j].end;
-        if (direct && !by_rows && data.dtype == t->src_dtype && data.contiguous()) {
+        if (direct && !rows && data.dtype == t->src_dtype && data.contiguous()) {
           pread_all(file->fd, s.path, direct + t->at * esize + begin, end - begin, s.offset + begin);
           continue;
         }
         if (bounce.empty()) bounce.resize(size_t(kChunk));
-        const int64_t unit = by_rows ? t->dst.cols() * esize : esize;
+        const int64_t unit = rows ? t->dst.cols() * esize : esize;
         // (Panel-stored weights in whole 32-row blocks where they can: packed at once, not element by element.)
         const int64_t per = std::max<int64_t>(1, kChunk / unit);
         const int64_t step = (t->dst.panels && per >= 32 ? per / 32 * 32 : per) * unit;
@@ -163,7 +163,7 @@ void read_tensors(Backend& backend, const std::vector<TensorTarget>& targets, in
         for (int64_t done = begin; done < end; done += step) {
           const int64_t n = std::min(step, end - done);
           pread_all(file->fd, s.path, bounce.data(), n, s.offset + done);
-          if (by_rows)
+          if (rows)
             backend.upload_weight(t->dst, (t->at + done / esize) / t->dst.cols(), bounce.data(), t->src_dtype,
                                   n / unit);
           else

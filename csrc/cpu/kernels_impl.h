@@ -374,52 +374,57 @@ static void silu_mul_row(float* out, const float* gate, const float* up, int64_t
   }
 }
 
-// q . K[j] * scale for positions j0 .. j1-1, and s[j] += p[j] V[j] summed into o (head_dim floats) over them. With
-// AVX-512 and head_dim a multiple of 16 up to 128 (Qwen2.5: 64, 128): o in registers across the positions, and
-// each dot on two accumulators reduced as a tree (the portable loops kept o in memory and summed each dot's 16
-// lanes one after another: Zen 4, 1.5B int4 decode at 600-1200 positions, 13% of the time in attention).
+// A head's scores q . K[j] * scale (attend_scores) and its output o += p[j] V[j] (attend_values) over positions
+// j0 .. j1-1. With AVX-512 and head_dim 16, 32, 64 or 128 (Qwen2.5: 64, 128): each dot on two accumulators reduced
+// as a tree, and o in registers across the positions (the portable loops summed each dot's 16 lanes one after
+// another and kept o in memory: Zen 4, 1.5B int4 decode at 600-1200 positions, 13% of the time in attention).
 #if defined(__AVX512F__)
-template <int kChunks>
-static void attend_block(const float* qh, const float* K, const float* V, int64_t j0, int64_t j1, float scale,
-                         float* s, const float* p, float* o) {
-  constexpr int64_t hd = 16 * kChunks;
-  if (s) {
-    __m512 qv[kChunks];
-    for (int c = 0; c < kChunks; ++c) qv[c] = _mm512_loadu_ps(qh + 16 * c);
-    for (int64_t j = j0; j < j1; ++j) {
-      __m512 a0 = _mm512_mul_ps(qv[0], _mm512_loadu_ps(K + j * hd)), a1 = _mm512_setzero_ps();
-      for (int c = 1; c < kChunks; ++c)
-        (c & 1 ? a1 : a0) = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(K + j * hd + 16 * c), c & 1 ? a1 : a0);
-      s[j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
-    }
-    return;
+template <class F>
+static bool with_head_chunks(int64_t hd, F&& f) {  // f(std::integral_constant<int, hd / 16>) for the sizes above
+  switch (hd) {
+    case 16: return f(std::integral_constant<int, 1>{}), true;
+    case 32: return f(std::integral_constant<int, 2>{}), true;
+    case 64: return f(std::integral_constant<int, 4>{}), true;
+    case 128: return f(std::integral_constant<int, 8>{}), true;
+    default: return false;
   }
-  __m512 acc[kChunks];
-  for (int c = 0; c < kChunks; ++c) acc[c] = _mm512_loadu_ps(o + 16 * c);
-  for (int64_t j = j0; j < j1; ++j) {
-    const __m512 pj = _mm512_set1_ps(p[j]);
-    for (int c = 0; c < kChunks; ++c) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(V + j * hd + 16 * c), acc[c]);
-  }
-  for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(o + 16 * c, acc[c]);
 }
 #endif
 
-// s set: scores of positions j0 .. j1-1 into s; else o += the positions' V weighted by p.
-static void attend_positions(const float* qh, const float* K, const float* V, int64_t j0, int64_t j1, int64_t hd,
-                             float scale, float* s, const float* p, float* o) {
+static void attend_scores(const float* qh, const float* K, int64_t j0, int64_t j1, int64_t hd, float scale,
+                          float* s) {
 #if defined(__AVX512F__)
-  switch (hd) {
-    case 64: return attend_block<4>(qh, K, V, j0, j1, scale, s, p, o);
-    case 128: return attend_block<8>(qh, K, V, j0, j1, scale, s, p, o);
-    case 16: return attend_block<1>(qh, K, V, j0, j1, scale, s, p, o);
-    case 32: return attend_block<2>(qh, K, V, j0, j1, scale, s, p, o);
-    default: break;
-  }
-#endif
-  if (s) {
-    for (int64_t j = j0; j < j1; ++j) s[j] = dot(qh, K + j * hd, hd) * scale;
+  if (with_head_chunks(hd, [&](auto chunks) {
+        constexpr int kChunks = decltype(chunks)::value;
+        __m512 qv[kChunks];
+        for (int c = 0; c < kChunks; ++c) qv[c] = _mm512_loadu_ps(qh + 16 * c);
+        for (int64_t j = j0; j < j1; ++j) {
+          const float* kj = K + j * hd;
+          __m512 a0 = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj)), a1 = _mm512_setzero_ps();
+          for (int c = 1; c < kChunks; ++c)
+            (c & 1 ? a1 : a0) = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kj + 16 * c), c & 1 ? a1 : a0);
+          s[j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+        }
+      }))
     return;
-  }
+#endif
+  for (int64_t j = j0; j < j1; ++j) s[j] = dot(qh, K + j * hd, hd) * scale;
+}
+
+static void attend_values(const float* p, const float* V, int64_t j0, int64_t j1, int64_t hd, float* o) {
+#if defined(__AVX512F__)
+  if (with_head_chunks(hd, [&](auto chunks) {
+        constexpr int kChunks = decltype(chunks)::value;
+        __m512 acc[kChunks];
+        for (int c = 0; c < kChunks; ++c) acc[c] = _mm512_loadu_ps(o + 16 * c);
+        for (int64_t j = j0; j < j1; ++j) {
+          const __m512 pj = _mm512_set1_ps(p[j]);
+          for (int c = 0; c < kChunks; ++c) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(V + j * hd + 16 * c), acc[c]);
+        }
+        for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(o + 16 * c, acc[c]);
+      }))
+    return;
+#endif
   for (int64_t j = j0; j < j1; ++j) {
     const float pj = p[j];
     const float* vj = V + j * hd;
@@ -439,8 +444,7 @@ static void attend(const float* q, int64_t ldq, int64_t heads, int64_t rows, con
     const int64_t n = first_len + i;
     for (int64_t j0 = 0; j0 < n; j0 += kBlock)
       for (int64_t h = 0; h < heads; ++h)
-        attend_positions(q + i * ldq + h * head_dim, K, V, j0, std::min(n, j0 + kBlock), head_dim, scale,
-                         scores + h * lds, nullptr, nullptr);
+        attend_scores(q + i * ldq + h * head_dim, K, j0, std::min(n, j0 + kBlock), head_dim, scale, scores + h * lds);
     for (int64_t h = 0; h < heads; ++h) {
       float* s = scores + h * lds;
       float mx = -std::numeric_limits<float>::infinity();
@@ -459,31 +463,11 @@ static void attend(const float* q, int64_t ldq, int64_t heads, int64_t rows, con
     }
     for (int64_t j0 = 0; j0 < n; j0 += kBlock)
       for (int64_t h = 0; h < heads; ++h)
-        attend_positions(nullptr, K, V, j0, std::min(n, j0 + kBlock), head_dim, scale, nullptr, scores + h * lds,
-                         out + i * ldo + h * head_dim);
+        attend_values(scores + h * lds, V, j0, std::min(n, j0 + kBlock), head_dim, out + i * ldo + h * head_dim);
   }
 }
 
 // --- quantized weights (tensor.h: Q8, Q4) -----------------------------------------------------------------------
-
-static inline float h2f(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-  uint32_t u;
-  if (e == 0x1f) u = sign | 0x7f800000u | (m << 13);
-  else if (e) u = sign | ((e + 112) << 23) | (m << 13);
-  else if (!m) u = sign;
-  else {  // subnormal: m * 2^-24
-    float f = float(m) * 5.9604644775390625e-8f;
-    return sign ? -f : f;
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-#endif
-}
 
 constexpr int kG = int(kQuantGroup);
 
@@ -924,7 +908,7 @@ static int row_exponent(const float* x, int64_t k) {
 
 // Q8, one whole row: each group's step from its largest |value| (max / 127), coded against the row's D = the
 // largest step / 255 rounded up to bfloat16 precision. Rounding the code up (a = ceil(step / D)) keeps every level
-// within 127; the step grows by less than 1/a, under 0.4% for groups whose largest |value| is half the row's.
+// within 127; the step grows by less than 1/a, under 0.8% for groups whose largest |value| is half the row's.
 static void quantize_q8_row(const float* x, int64_t k, uint8_t* block, int lane) {
   const int64_t groups = quant_groups(k), gb = quant_group_bytes(Format::Q8);
   const int e = row_exponent(x, k);  // scaled as the coded formats' rows: the codes do not depend on the scale
@@ -1158,6 +1142,16 @@ static void dequant_coded(const uint8_t* block, int lane, int64_t k, float* out)
   }
 }
 
+#if defined(__AVX2__)
+// Prefetches of a quantized matmul's stream: kNear lines from `near` into L1, kFar lines from `far` into L2.
+template <int kNear, int kFar>
+static inline void prefetch_ahead(const uint8_t* near, const uint8_t* far) {
+  for (int l = 0; l < kNear; ++l) _mm_prefetch(reinterpret_cast<const char*>(near + 64 * l), _MM_HINT_T0);
+  for (int l = 0; l < kFar; ++l) _mm_prefetch(reinterpret_cast<const char*>(far + 64 * l), _MM_HINT_T1);
+}
+
+#endif
+
 // Quantized matmuls: T input rows (each quantized to int8 levels qx with steps sx and level sums xsum, row
 // strides groups*32 and groups) times weight rows r0 .. r1-1 (r0 a multiple of kQuantRows), a block of 4 weight
 // rows at a time, kQuantInputs inputs at a time (block_dot gets their number as a compile-time constant, so its
@@ -1220,11 +1214,7 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
       const __m512 a = _mm512_castps128_ps512(_mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(load_u32(p)))));
       // The group 8 ahead into L1 and every line of the group 64 ahead (~8.5 KB) into L2: one-row passes waited on
       // memory at each group with the near prefetch alone (Zen 4, int8 decode 5-14% faster with the far one).
-      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb + 64), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 64), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 128), _MM_HINT_T1);
+      prefetch_ahead<2, 3>(p + 8 * bb, p + 64 * bb);
       const __m512 a01 = _mm512_permutexvar_ps(two_rows, a);
       const __m512 a23 = _mm512_permutexvar_ps(_mm512_add_epi32(two_rows, _mm512_set1_epi32(2)), a);
       const __m512i w01 = _mm512_loadu_si512(p + scales);
@@ -1254,13 +1244,7 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
       for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
-      // as the AVX-512 path's, with every line of the near group too
-      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb + 64), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * bb + 128), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 64), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 64 * bb + 128), _MM_HINT_T1);
+      prefetch_ahead<3, 3>(p + 8 * bb, p + 64 * bb);  // as the AVX-512 path's, with every line of the near group too
       const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(load_u32(p))));
       __m256i wv[kQuantRows];
       for (int j = 0; j < kQuantRows; ++j)
@@ -1333,10 +1317,7 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
       const __m128 c = kBits == 4 ? _mm_mul_ps(a, _mm_cvtepi32_ps(zero_points)) : a;
       // As gemm_q8's: both lines of the group 16 ahead into L1, of the group 128 ahead (~9-13 KB) into L2 (the
       // near one alone, and one line of a 72-byte group, left one-row int4 passes waiting on memory).
-      _mm_prefetch(reinterpret_cast<const char*>(p + 16 * bb), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 16 * bb + 64), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 128 * bb), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 128 * bb + 64), _MM_HINT_T1);
+      prefetch_ahead<2, 2>(p + 16 * bb, p + 128 * bb);
       const __m512 a4 = _mm512_permutexvar_ps(four_rows, _mm512_castps128_ps512(a));
       const __m512i q = _mm512_loadu_si512(p + scales);
       __m512i lo = _mm512_and_si512(q, low), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
@@ -1378,10 +1359,7 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
       for (auto& a : row) a = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* p = base + g * bb;
-      _mm_prefetch(reinterpret_cast<const char*>(p + 16 * bb), _MM_HINT_T0);  // as the AVX-512 path's
-      _mm_prefetch(reinterpret_cast<const char*>(p + 16 * bb + 64), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 128 * bb), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(p + 128 * bb + 64), _MM_HINT_T1);
+      prefetch_ahead<2, 2>(p + 16 * bb, p + 128 * bb);  // as the AVX-512 path's
       const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(load_u32(p))));
       // the offsets' weights: a c (Q4) or a (Q6), exact
       const __m128i zero_points = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(load_u32(p + 4)));  // (Q4 only)
