@@ -476,6 +476,11 @@ static inline int load_u32(const uint8_t* p) {
   std::memcpy(&v, p, 4);
   return v;
 }
+static inline long long load_u64(const uint8_t* p) {
+  long long v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
 
 #if defined(__AVX2__)
 static inline float hsum256(__m256 v) {
@@ -1179,7 +1184,7 @@ static void quant_matmul(int64_t groups, int64_t T, float* y, int64_t ldy, const
   for (int64_t r = r0; r < r1; r += kQuantRows) {
     for (int64_t t = 0; t < T; t += kQuantInputs) {
       const int nt = int(std::min<int64_t>(kQuantInputs, T - t));
-      float sums[kQuantInputs][kQuantRows] = {};
+      float sums[kQuantInputs][kQuantRows];  // block_dot sets rows 0..nt-1 (zeroing it was a REP STOS a block)
       with_inputs<kQuantInputs>(nt, [&](auto n) { block_dot(r / kQuantRows, t, n, sums); });
       for (int i = 0; i < nt; ++i)
         for (int64_t j = 0; j < kQuantRows && r + j < r1; ++j)
@@ -1255,7 +1260,8 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
         _mm_store_ps(sc, _mm_mul_ps(a, _mm_set1_ps(sx[(t + i) * groups + g])));
         for (int j = 0; j < kQuantRows; ++j) {
           const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv[j], wv[j]), _mm256_sign_epi8(xv, wv[j]));
-          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones)), _mm256_set1_ps(sc[j]), acc[i][j]);
+          const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+          acc[i][j] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sc[j]), acc[i][j]);
         }
       }
     }
@@ -1282,8 +1288,8 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
 
 // Q4 / Q6 (kBits): the same with levels 0..15 / 0..63, plus the offsets: m_r,g * (sum of input t over the group),
 // m = -d c / 8 (Q4) or -32 d (Q6). d = D a: the sums run over the codes, and the row's D multiplies them once at the
-// end (an explicit fma there: left to contraction, the rounding could differ between the instantiations for 1..4
-// inputs).
+// end (AVX2 and the portable path: with an explicit fma, since left to contraction the rounding could differ between
+// the instantiations for 1..4 inputs).
 template <int kBits>
 static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const float* sx, const float* xsum,
                        int64_t T, float* y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
@@ -1292,62 +1298,100 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
   constexpr int64_t scales = quant_scale_bytes(f);             // the codes' bytes, then the levels'
   constexpr int64_t high_at = scales + kQuantRows * (kG / 2);  // Q6: the rows' top bits, 8 bytes each
   constexpr float offset = kBits == 4 ? -0.125f : -32.0f;      // m / (d c) or m / d
-  quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, auto n,
-                                                               float (*sums)[kQuantRows]) {
+  // (Inlined into quant_matmul's loop: called once a block of 4 rows, the call cost one-row passes ~8% at k = 1536.)
+  auto block_dot = [&](int64_t b, int64_t t, auto n, float (*sums)[kQuantRows]) __attribute__((always_inline)) {
     constexpr int nt = decltype(n)::value;
     const uint8_t* base = W + b * (head + groups * bb);
     float D[kQuantRows];
     for (int j = 0; j < kQuantRows; ++j) D[j] = row_step(base, j);
     base += head;
 #if defined(__AVX512VNNI__)
-    // Levels are unsigned, x's signed: VPDPBUSD as it is. One register holds the group's 4 rows (16 bytes each,
-    // 128-bit lane j row j): low nibbles against x's first 16 levels, high nibbles against the next 16; Q6 puts
-    // each level's top 2 bits above its nibble (a row's 8 bytes of them in both halves of its lane, shifted
-    // so that each 64-bit half brings the bits of its 8 levels to the bottom of each byte).
+    // Four groups at a time. A group's dot products by VPDPBUSD (levels unsigned, x's signed) in one register, 128-bit
+    // lane j row j: low nibbles against x's first 16 levels, high nibbles against the next 16 (Q6 puts each level's
+    // top 2 bits above its nibble: a row's 8 bytes of them in both halves of its lane, shifted so that each 64-bit
+    // half brings the bits of its 8 levels to the bottom of each byte). The four groups' registers are then summed
+    // within each row's lane into one, lane 4j + k for row j, group k (exact, in int32), so one conversion and two
+    // FMAs scale four groups, with the codes (and zero points) of the four gathered into lanes the same way (Zen 4,
+    // one-row int4 from L3: 37 -> 46 GB/s of weights; group by group it took ~27 instructions a 72-byte group).
+    constexpr int kQuadLines = int((4 * bb + 63) / 64);
     const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
-    const __m512i four_rows = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512 acc[kQuantInputs];
-    __m128 macc[kQuantInputs];
-    for (int i = 0; i < kQuantInputs; ++i) acc[i] = _mm512_setzero_ps(), macc[i] = _mm_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
+    const __m128i by_row = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // byte 4k+j -> 4j+k
+    __m512 acc[nt];
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    // Groups g..g+3; with kTail only the first groups - g exist, the others read as zeros (masked loads).
+    auto quad = [&](int64_t g, auto tail) {
+      constexpr bool kTail = decltype(tail)::value;
+      const int valid = kTail ? int(groups - g) : 4;
       const uint8_t* p = base + g * bb;
-      const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(load_u32(p))));
-      // the offsets' weights: a c (Q4) or a (Q6), exact
-      const __m128i zero_points = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(load_u32(p + 4)));  // (Q4 only)
-      const __m128 c = kBits == 4 ? _mm_mul_ps(a, _mm_cvtepi32_ps(zero_points)) : a;
-      // As gemm_q8's: both lines of the group 16 ahead into L1, of the group 128 ahead (~9-13 KB) into L2 (the
-      // near one alone, and one line of a 72-byte group, left one-row int4 passes waiting on memory).
-      prefetch_ahead<2, 2>(p + 16 * bb, p + 128 * bb);
-      const __m512 a4 = _mm512_permutexvar_ps(four_rows, _mm512_castps128_ps512(a));
-      const __m512i q = _mm512_loadu_si512(p + scales);
-      __m512i lo = _mm512_and_si512(q, low), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
-      if constexpr (kBits == 6) {
-        const __m512i h = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0),
-                                                   _mm512_castsi256_si512(_mm256_loadu_si256(
-                                                       reinterpret_cast<const __m256i*>(p + high_at))));
-        const __m512i three = _mm512_set1_epi8(3);
-        const __m512i hl = _mm512_srlv_epi64(h, _mm512_set_epi64(2, 0, 2, 0, 2, 0, 2, 0));
-        const __m512i hh = _mm512_srlv_epi64(h, _mm512_set_epi64(6, 4, 6, 4, 6, 4, 6, 4));
-        lo = _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(hl, three), 4));
-        hi = _mm512_or_si512(hi, _mm512_slli_epi16(_mm512_and_si512(hh, three), 4));
+      const __mmask16 four = __mmask16((1u << valid) - 1u);
+      auto bytes16 = [&](const void* q, int k) {
+        return kTail ? _mm_maskz_loadu_epi8(k < valid ? 0xffff : 0, q) : _mm_loadu_si128((const __m128i*)q);
+      };
+      __m512 A, C;  // lane 4j + k: row j's code a in group k, and the offset's weight on xsum: -a c / 8 or -32 a
+      {
+        // Each group's first 8 bytes (Q4: a0..a3 c0..c3; Q6: a0..a3 and levels), groups 0-1 and 2-3 in two registers
+        auto first8 = [&](int k) { return !kTail || k < valid ? load_u64(p + k * bb) : 0; };
+        const __m128i h01 = _mm_set_epi64x(first8(1), first8(0)), h23 = _mm_set_epi64x(first8(3), first8(2));
+        const __m128i h02 = _mm_unpacklo_epi32(h01, h23), h13 = _mm_unpackhi_epi32(h01, h23);
+        A = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_unpacklo_epi32(h02, h13), by_row)));
+        C = _mm512_mul_ps(A, _mm512_set1_ps(offset));
+        if constexpr (kBits == 4) {
+          const __m128i zero_points = _mm_shuffle_epi8(_mm_unpackhi_epi32(h02, h13), by_row);
+          C = _mm512_mul_ps(C, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(zero_points)));
+        }
+      }
+      // As gemm_q8's: the lines of the groups 16 ahead into L1, of those 128 ahead (~9-13 KB) into L2 (the near one
+      // alone left one-row int4 passes waiting on memory).
+      if (!kTail) prefetch_ahead<kQuadLines, kQuadLines>(p + 16 * bb, p + 128 * bb);
+      __m512i lo[4], hi[4];
+      for (int k = 0; k < 4; ++k) {
+        const uint8_t* pk = p + k * bb;
+        const __m512i q = kTail ? _mm512_maskz_loadu_epi8(k < valid ? ~__mmask64(0) : 0, pk + scales)
+                                : _mm512_loadu_si512(pk + scales);
+        lo[k] = _mm512_and_si512(q, low), hi[k] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+        if constexpr (kBits == 6) {
+          const __m256i top = kTail ? _mm256_maskz_loadu_epi8(k < valid ? ~0u : 0, pk + high_at)
+                                    : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pk + high_at));
+          const __m512i h = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0),
+                                                     _mm512_castsi256_si512(top));
+          const __m512i three = _mm512_set1_epi8(3);
+          const __m512i hl = _mm512_srlv_epi64(h, _mm512_set_epi64(2, 0, 2, 0, 2, 0, 2, 0));
+          const __m512i hh = _mm512_srlv_epi64(h, _mm512_set_epi64(6, 4, 6, 4, 6, 4, 6, 4));
+          lo[k] = _mm512_or_si512(lo[k], _mm512_slli_epi16(_mm512_and_si512(hl, three), 4));
+          hi[k] = _mm512_or_si512(hi[k], _mm512_slli_epi16(_mm512_and_si512(hh, three), 4));
+        }
       }
       for (int i = 0; i < nt; ++i) {
         const int8_t* x = qx + (t + i) * groups * kG + g * kG;
-        const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
-        const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16)));
-        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xl), hi, xh);
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(a4, _mm512_set1_ps(sx[(t + i) * groups + g])),
-                                 acc[i]);
-        macc[i] = _mm_fmadd_ps(c, _mm_set1_ps(xsum[(t + i) * groups + g]), macc[i]);
+        __m512i s[4];
+        for (int k = 0; k < 4; ++k) {
+          const __m512i xl = _mm512_broadcast_i32x4(bytes16(x + k * kG, k));
+          const __m512i xh = _mm512_broadcast_i32x4(bytes16(x + k * kG + 16, k));
+          s[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[k], xl), hi[k], xh);
+        }
+        const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
+        const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
+        const __m512i sum = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+        const float* steps = sx + (t + i) * groups + g;
+        const float* level_sums = xsum + (t + i) * groups + g;
+        const __m512 s4 = _mm512_broadcast_f32x4(kTail ? _mm_maskz_loadu_ps(four, steps) : _mm_loadu_ps(steps));
+        const __m512 m4 = _mm512_broadcast_f32x4(kTail ? _mm_maskz_loadu_ps(four, level_sums)
+                                                       : _mm_loadu_ps(level_sums));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(A, s4), acc[i]);
+        acc[i] = _mm512_fmadd_ps(C, m4, acc[i]);
       }
-    }
-    for (int i = 0; i < nt; ++i) {
-      alignas(16) float mm[kQuantRows];
-      _mm_store_ps(mm, macc[i]);
-      alignas(64) float s[16];
-      _mm512_store_ps(s, acc[i]);
-      for (int j = 0; j < kQuantRows; ++j)
-        sums[i][j] = D[j] * std::fma(mm[j], offset, (s[4 * j] + s[4 * j + 1]) + (s[4 * j + 2] + s[4 * j + 3]));
+    };
+    int64_t g = 0;
+    for (; g + 4 <= groups; g += 4) quad(g, std::false_type{});
+    if (g < groups) quad(g, std::true_type{});
+    const __m128 d = _mm_loadu_ps(D);
+    for (int i = 0; i < nt; ++i) {  // row j: D_j ((lane 4j + lane 4j+1) + (lane 4j+2 + lane 4j+3))
+      const __m512 pairs = _mm512_add_ps(acc[i], _mm512_permute_ps(acc[i], 0xb1));
+      const __m512 rows = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, 0x4e));
+      const __m128 row_sums = _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0,
+                                                                                           0, 0, 0, 0, 0, 0, 0, 0),
+                                                                        rows));
+      _mm_storeu_ps(sums[i], _mm_mul_ps(d, row_sums));
     }
 #elif defined(__AVX2__)
     // Levels are unsigned, x's signed: VPMADDUBSW as it is (pairs of products fit int16: 2 x 63 x 127).
@@ -1410,7 +1454,8 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
       for (int j = 0; j < kQuantRows; ++j) sums[i][j] = D[j] * std::fma(sm[j], offset, sd[j]);
     }
 #endif
-  });
+  };
+  quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, block_dot);
 }
 
 #if defined(__AVX512F__)
