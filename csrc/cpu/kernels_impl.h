@@ -1394,46 +1394,85 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
       _mm_storeu_ps(sums[i], _mm_mul_ps(d, row_sums));
     }
 #elif defined(__AVX2__)
-    // Levels are unsigned, x's signed: VPMADDUBSW as it is (pairs of products fit int16: 2 x 63 x 127).
+    // Two groups at a time. A register holds two adjacent rows' levels (rows 0-1, then 2-3; 128-bit lane r the row
+    // 2h + r), once as low nibbles and once as high ones; VPMADDUBSW (levels unsigned, x's signed) against x's first
+    // and second 16 levels in both lanes, the two added in int16 (|sum| <= 4 x 63 x 127 < 2^15), widened by
+    // VPMADDWD; two VPHADDDs then leave the eight sums of (row, group) in one register, exact, so one conversion and
+    // two FMAs scale two groups (group by group it took ~45 instructions a 72-byte int4 group for one input).
+    // Lane order: 128-bit half r, then lanes (row r g, row r+2 g, row r g', row r+2 g'), rows 0-1 | 2-3 taken apart.
+    constexpr int kPairLines = int((2 * bb + 63) / 64);
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
-    __m256 acc[kQuantInputs][kQuantRows];
-    __m128 macc[kQuantInputs];
-    for (auto& m : macc) m = _mm_setzero_ps();
-    for (auto& row : acc)
-      for (auto& a : row) a = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
+    const __m128i lane_order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i pair_order = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);  // (g, g, g', g') in both halves
+    __m256 acc[nt];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    // Levels of one group as two registers per pair of rows: lo[h] and hi[h] hold rows 2h, 2h + 1.
+    auto levels = [&](const uint8_t* p, __m256i (&lo)[2], __m256i (&hi)[2]) __attribute__((always_inline)) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + scales + 32 * h));
+        lo[h] = _mm256_and_si256(q, low), hi[h] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+        if constexpr (kBits == 6) {  // 64-bit part s of a row's 16 levels: 8s..8s+7 (lo) or 16+8s.. (hi)
+          const __m256i top = _mm256_permute4x64_epi64(
+              _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + high_at + 16 * h))), 0x50);
+          const __m256i three = _mm256_set1_epi8(3);
+          const __m256i tl = _mm256_srlv_epi64(top, _mm256_set_epi64x(2, 0, 2, 0));
+          const __m256i th = _mm256_srlv_epi64(top, _mm256_set_epi64x(6, 4, 6, 4));
+          lo[h] = _mm256_or_si256(lo[h], _mm256_slli_epi16(_mm256_and_si256(tl, three), 4));
+          hi[h] = _mm256_or_si256(hi[h], _mm256_slli_epi16(_mm256_and_si256(th, three), 4));
+        }
+      }
+    };
+    // A group's four sums with input x, as VPHADDD leaves them: (row 0, row 0, row 2, row 2 | row 1, 1, 3, 3) halves.
+    auto partial = [&](const __m256i (&lo)[2], const __m256i (&hi)[2], const int8_t* x) __attribute__((always_inline)) {
+      const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+      const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16)));
+      __m256i m[2];
+      for (int h = 0; h < 2; ++h)
+        m[h] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh)),
+                                 ones);
+      return _mm256_hadd_epi32(m[0], m[1]);
+    };
+    // Groups g and g + 1 (with kOne, g alone: the second reads as zeros).
+    auto pair = [&](int64_t g, auto one) __attribute__((always_inline)) {
+      constexpr bool kOne = decltype(one)::value;
       const uint8_t* p = base + g * bb;
-      prefetch_ahead<2, 2>(p + 16 * bb, p + 128 * bb);  // as the AVX-512 path's
-      const __m128 a = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(load_u32(p))));
-      // the offsets' weights: a c (Q4) or a (Q6), exact
-      const __m128i zero_points = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(load_u32(p + 4)));  // (Q4 only)
-      const __m128 c = kBits == 4 ? _mm_mul_ps(a, _mm_cvtepi32_ps(zero_points)) : a;
-      __m256i wv[kQuantRows];
-      for (int j = 0; j < kQuantRows; ++j) {
-        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + scales + 16 * j));
-        wv[j] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low);
-        if constexpr (kBits == 6) {  // 64-bit part s of the register: levels 8s..8s+7, whose top bits are at 2s
-          long long h;
-          std::memcpy(&h, p + high_at + 8 * j, 8);
-          const __m256i hb = _mm256_srlv_epi64(_mm256_set1_epi64x(h), _mm256_set_epi64x(6, 4, 2, 0));
-          wv[j] = _mm256_or_si256(wv[j], _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(3)), 4));
-        }
-      }
+      prefetch_ahead<kPairLines, kPairLines>(p + 16 * bb, p + 128 * bb);  // as the AVX-512 path's
+      // the codes (and zero points) of both groups in the sums' lane order
+      const uint32_t a1 = kOne ? 0 : uint32_t(load_u32(p + bb)), c1 = kOne ? 0 : uint32_t(load_u32(p + bb + 4));
+      auto in_order = [&](uint32_t g0, uint32_t g1) {
+        return _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)(uint64_t(g1) << 32 | g0)), lane_order);
+      };
+      const __m256 A = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(in_order(uint32_t(load_u32(p)), a1)));
+      __m256 C = _mm256_mul_ps(A, _mm256_set1_ps(offset));
+      if constexpr (kBits == 4)
+        C = _mm256_mul_ps(C, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(in_order(uint32_t(load_u32(p + 4)), c1))));
+      __m256i lo0[2], hi0[2], lo1[2], hi1[2];
+      levels(p, lo0, hi0);
+      if (!kOne) levels(p + bb, lo1, hi1);
       for (int i = 0; i < nt; ++i) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + (t + i) * groups * kG + g * kG));
-        alignas(16) float sc[kQuantRows];
-        _mm_store_ps(sc, _mm_mul_ps(a, _mm_set1_ps(sx[(t + i) * groups + g])));
-        macc[i] = _mm_fmadd_ps(c, _mm_set1_ps(xsum[(t + i) * groups + g]), macc[i]);
-        for (int j = 0; j < kQuantRows; ++j) {
-          const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv[j], xv), ones));
-          acc[i][j] = _mm256_fmadd_ps(sum, _mm256_set1_ps(sc[j]), acc[i][j]);
-        }
+        const int8_t* x = qx + (t + i) * groups * kG + g * kG;
+        const __m256i s0 = partial(lo0, hi0, x);
+        const __m256i s = _mm256_hadd_epi32(s0, kOne ? _mm256_setzero_si256() : partial(lo1, hi1, x + kG));
+        const float* steps = sx + (t + i) * groups + g;
+        const float* level_sums = xsum + (t + i) * groups + g;
+        auto two = [&](const float* v) {  // (v[0], v[0], v[1], v[1]) in both halves; v[1] zero with kOne
+          const __m128 pr = kOne ? _mm_set_ss(v[0]) : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(v)));
+          return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pr), pair_order);
+        };
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(A, two(steps)), acc[i]);
+        acc[i] = _mm256_fmadd_ps(C, two(level_sums), acc[i]);
       }
-    }
-    for (int i = 0; i < nt; ++i) {
-      alignas(16) float mm[kQuantRows];
-      _mm_store_ps(mm, macc[i]);
-      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = D[j] * std::fma(mm[j], offset, hsum256(acc[i][j]));
+    };
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) pair(g, std::false_type{});
+    if (g < groups) pair(g, std::true_type{});
+    for (int i = 0; i < nt; ++i) {  // row 2h + r from half r: lanes (0 + 2) for row r, (1 + 3) for row r + 2
+      alignas(32) float v[8];
+      _mm256_store_ps(v, acc[i]);
+      for (int r = 0; r < 2; ++r) {
+        sums[i][r] = D[r] * (v[4 * r] + v[4 * r + 2]);
+        sums[i][r + 2] = D[r + 2] * (v[4 * r + 1] + v[4 * r + 3]);
+      }
     }
 #else
     for (int i = 0; i < nt; ++i) {
