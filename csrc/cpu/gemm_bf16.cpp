@@ -3,7 +3,7 @@
 // rounds its matmul inputs to bf16 (weights already are) and keeps every sum in float32, as llama.cpp and PyTorch do
 // for bf16 weights. The weights are stored as the micro-kernel reads them (kernels.h: 32-row blocks of k-pair
 // panels, packed once at load), so one kernel serves every number of rows: a decode row streams the panels from
-// memory, a prompt reuses each panel from L1/L2 for 12 rows at a time, and no pass packs anything.
+// memory, a prompt reuses each panel from L1/L2 for up to 12 rows at a time, and no pass packs anything.
 #include <cstring>
 
 #include "cpu/panels_impl.h"
