@@ -52,6 +52,9 @@ class Backend {
   virtual void reserve(int64_t bytes, const std::string& what) = 0;
   // Allocates rows × cols, owned by the backend until it is destroyed. Contents undefined.
   virtual Tensor alloc(DType dtype, int64_t rows, int64_t cols) = 0;
+  // Makes t's memory resident now rather than at its first use (CPU: every page written, so that the page faults
+  // happen here; a no-op where allocation commits memory). Contents unchanged.
+  virtual void populate(const Tensor& t) {}
   // A parameter of rows × cols in format f: format_bytes(f, rows, cols) of backend memory (the CPU's bf16 panels pad
   // that by up to 31 rows and one column).
   virtual Weight alloc_weight(Format f, int64_t rows, int64_t cols) {

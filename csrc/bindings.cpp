@@ -295,6 +295,11 @@ class PyModel {
     if (slot.is_none()) cache_->reset_all();
     else cache_->reset(slot.cast<int64_t>());
   }
+  void populate_cache() {
+    Guard g(this);
+    py::gil_scoped_release nogil;
+    cache_->populate(*backend_);
+  }
   void close() {
     Guard g(this);
     cache_.reset();
@@ -383,6 +388,9 @@ concurrent call raises RuntimeError), except interrupt() and closed.
       .def("truncate", &PyModel::truncate, py::arg("length"), py::arg("slot") = 0,
            "Keep the first `length` cached positions of a slot.")
       .def("reset", &PyModel::reset, py::arg("slot") = py::none(), "Empty one slot of the KV cache (None: all).")
+      .def("populate_cache", &PyModel::populate_cache,
+           "Make the whole KV cache resident now instead of at each slot's first use (a server, at startup); what "
+           "it holds stays.")
       .def("close", &PyModel::close, "Free the weights and cache now; the object is unusable afterwards.")
       .def("interrupt", &PyModel::interrupt,
            "Stop the pass running in another thread at its next layer (it raises Interrupted; the cache is unchanged). "

@@ -43,6 +43,13 @@ void KVCache::truncate(int64_t slot, int64_t n) {
 
 void KVCache::reset_all() { length_.assign(length_.size(), 0); }
 
+void KVCache::populate(Backend& backend) const {
+  for (const KVLayer& l : layers_) {
+    backend.populate(l.k);
+    backend.populate(l.v);
+  }
+}
+
 void KVCache::check(const Rows& rows) const {
   if (rows.T < 1) throw std::invalid_argument("a forward pass needs at least one row");
   ++stamp_;  // seen_[s] == stamp_: slot s has had its run in this pass (no allocation per pass)

@@ -31,6 +31,8 @@ class KVCache {
   void truncate(int64_t slot, int64_t n);  // keep the first n positions of a slot (reuse a prompt prefix)
   void reset(int64_t slot) { truncate(slot, 0); }
   void reset_all();
+  // Makes every layer's memory resident now (Backend::populate); lengths unchanged.
+  void populate(Backend& backend) const;
 
   const KVLayer& layer(size_t i) const { return layers_[i]; }
 

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from fixtures import core_config, make_config, random_weights, stored_values, write_checkpoint
+from fixtures import core_config, head_dim, make_config, random_weights, stored_values, write_checkpoint
 from reference import reference_logits, rel_err
 from qwen_native import _core
 from qwen_native.checkpoint import tensor_table
@@ -121,6 +121,30 @@ def test_cached_decode_equals_full_recompute(tmp_path):
     m.reset()
     full = m.prefill(IDS + NEXT, all_logits=True)[len(IDS):]
     np.testing.assert_allclose(np.stack(cached), full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident size from Linux's /proc")
+def test_populate_cache_makes_it_resident_and_keeps_what_it_holds(tmp_path):
+    slots, positions = 8, 4096
+    d, cfg, _ = checkpoint(tmp_path, disk_dtype="BF16", max_position_embeddings=positions)
+    kv_bytes = 2 * cfg["num_hidden_layers"] * slots * cfg["num_key_value_heads"] * positions * head_dim(cfg) * 4
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    unused = load(d, num_slots=slots, max_context=positions)
+    before = resident()
+    unused.populate_cache()
+    assert resident() - before > 0.8 * kv_bytes
+    m = load(d, num_slots=slots, max_context=positions)
+    m.prefill(IDS, slot=5)
+    m.populate_cache()
+    assert list(m.lengths) == [0] * 5 + [len(IDS)] + [0] * 2
+    kept = [m.decode(t, slot=5) for t in NEXT]
+    fresh = load(d)
+    fresh.prefill(IDS)
+    np.testing.assert_array_equal(np.stack(kept), np.stack([fresh.decode(t) for t in NEXT]))
 
 
 def test_truncate_then_continue_equals_fresh_run(tmp_path):

@@ -134,6 +134,18 @@ class CpuBackend final : public Backend {
     return Tensor{p, dtype, rows, cols, cols};
   }
 
+  // A server's KV cache faulted in at startup by all threads, not page by page (2 MB huge pages, each cleared by the
+  // kernel) in the passes of the first requests that reach each slot. Each 4 KB page is written with its own first
+  // byte, so what the cache holds stays.
+  void populate(const Tensor& t) override {
+    const int64_t bytes = t.rows * t.ld * int64_t(dtype_size(t.dtype));
+    constexpr int64_t kChunk = int64_t(2) << 20, kPage = 4096;
+    volatile char* base = static_cast<char*>(t.data);
+    pool_.parallel_for((bytes + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1, int) {
+      for (int64_t at = c0 * kChunk; at < std::min(bytes, c1 * kChunk); at += kPage) base[at] = base[at];
+    });
+  }
+
   // Scratch of the matmuls is sized here, at load, never per step.
   Weight alloc_weight(Format f, int64_t rows, int64_t cols) override {
     const int64_t k2 = cols + (cols & 1);
