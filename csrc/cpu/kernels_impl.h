@@ -1179,8 +1179,8 @@ static inline void with_inputs(int nt, F&& f) {  // f(std::integral_constant<int
 }
 
 template <class Acc>
-static void quant_matmul(int64_t groups, int64_t T, float* y, int64_t ldy, const float* bias, bool accumulate,
-                         int64_t r0, int64_t r1, Acc&& block_dot) {
+static void quant_matmul(int64_t T, float* y, int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1,
+                         Acc&& block_dot) {
   for (int64_t r = r0; r < r1; r += kQuantRows) {
     for (int64_t t = 0; t < T; t += kQuantInputs) {
       const int nt = int(std::min<int64_t>(kQuantInputs, T - t));
@@ -1199,8 +1199,7 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
                     int64_t ldy, const float* bias, bool accumulate, int64_t r0, int64_t r1) {
   constexpr int64_t bb = quant_group_bytes(Format::Q8), head = quant_header_bytes(Format::Q8);
   constexpr int64_t scales = quant_scale_bytes(Format::Q8);
-  quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, auto n,
-                                                               float (*sums)[kQuantRows]) {
+  quant_matmul(T, y, ldy, bias, accumulate, r0, r1, [&](int64_t b, int64_t t, auto n, float (*sums)[kQuantRows]) {
     constexpr int nt = decltype(n)::value;
     const uint8_t* base = W + b * (head + groups * bb);
     float D[kQuantRows];
@@ -1494,7 +1493,7 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
     }
 #endif
   };
-  quant_matmul(groups, T, y, ldy, bias, accumulate, r0, r1, block_dot);
+  quant_matmul(T, y, ldy, bias, accumulate, r0, r1, block_dot);
 }
 
 #if defined(__AVX512F__)
