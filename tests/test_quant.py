@@ -260,7 +260,7 @@ def test_a_long_run_of_each_format(fmt):
     """One matmul of more rows than the kernel set takes on integers (where it has a limit): tiles of dequantized
     rows, float32 through sgemm, or bf16 (inputs and weights rounded) through the VDPBF16PS GEMM on AVX512-BF16
     CPUs, except the last row: on integers, as that row alone; odd n and k, a bias."""
-    limit = _core.quant_dot_rows()
+    limit = _core.quant_dot_rows(fmt)
     T = min(limit, 200) + 3
     rng = np.random.default_rng(7)
     x = rng.standard_normal((T, 301)).astype(np.float32)
@@ -278,17 +278,17 @@ def test_a_long_run_of_each_format(fmt):
 
 
 def test_long_runs_take_tiles_or_integers(tmp_path):
-    """A run longer than the kernel set's integer limit (96 rows without VNNI, 64 with AVX512-BF16, none with VNNI
-    alone) takes tiles of dequantized rows: float32 through sgemm with unrounded inputs, or on AVX512-BF16 CPUs bf16
-    through the VDPBF16PS GEMM, inputs and weights rounded to bf16; its last row takes integers, as alone. The
-    lm_head takes at most 32 rows at a time: its inputs are rounded to int8."""
+    """An int8 run longer than the kernel set's integer limit (96 rows without VNNI, 64 with AVX512-BF16, none
+    with VNNI alone) takes tiles of dequantized rows: float32 through sgemm with unrounded inputs, or on AVX512-BF16
+    CPUs bf16 through the VDPBF16PS GEMM, inputs and weights rounded to bf16; its last row takes integers, as alone.
+    The lm_head takes at most 32 rows at a time: its inputs are rounded to int8."""
     cfg, table, w = model(tmp_path, max_position_embeddings=256)
     ids = [int(i) for i in np.random.default_rng(5).integers(0, cfg["vocab_size"], 120)]
     T = len(ids)
     matrices = [n for n, v in w.items() if v.ndim == 2]
     wq = dequantized(w, {n: "int8" for n in matrices})
     m = _core.Model(core_config(cfg), table, dtype="int8", num_threads=2)
-    long_run = _core.quant_dot_rows() < T
+    long_run = _core.quant_dot_rows("int8") < T
     layers = [n for n in matrices if n.startswith("model.layers.")]
     rounded = {n: range(T) if n not in layers or not long_run else [T - 1] for n in matrices}
     bf16_rows = {n: range(T - 1) for n in layers} if long_run and _core.isa().endswith("+bf16") else {}

@@ -95,6 +95,14 @@ class CpuBackend final : public Backend {
 #else
     const std::string sgemm = "built-in sgemm";
 #endif
+    auto quantized = [&](int64_t limit) {
+      return "integer dot products with the inputs quantized to int8, " +
+             (limit == std::numeric_limits<int64_t>::max()
+                  ? std::string("any number of rows")
+                  : "up to " + std::to_string(limit) + " rows, then tiles " +
+                        (K_.gemm_bf16_cols ? std::string("rounded to bf16 + VDPBF16PS")
+                                           : "widened to float32 + " + sgemm));
+    };
     const std::string bf16 =
         K_.gemm_bf16_cols     ? "bfloat16: panels, VDPBF16PS on bf16-rounded inputs, any rows"
         : K_.gemm_bf16_panels ? "bfloat16: panels widened to float32 in registers, any rows"
@@ -102,13 +110,7 @@ class CpuBackend final : public Backend {
                                     " GEMV, several tiles widened to float32 + " + sgemm;
     return std::string("cpu (") + K_.isa + ", " + std::to_string(pool_.size()) + " threads; " + bf16 +
            "; float32: one row the " + K_.isa + " GEMV, several " + sgemm +
-           "; int8/int4: integer dot products with the inputs quantized to int8, " +
-           (K_.quant_dot_rows == std::numeric_limits<int64_t>::max()
-                ? std::string("any number of rows")
-                : "up to " + std::to_string(K_.quant_dot_rows) + " rows, then tiles " +
-                      (K_.gemm_bf16_cols ? std::string("rounded to bf16 + VDPBF16PS")
-                                         : "widened to float32 + " + sgemm)) +
-           ")";
+           "; int8: " + quantized(K_.q8_dot_rows) + "; int4: " + quantized(K_.coded_dot_rows) + ")";
   }
   bool stores(Format) const override { return true; }
   DType activation_dtype() const override { return DType::F32; }
@@ -311,10 +313,11 @@ class CpuBackend final : public Backend {
 
   // Whether a run of n rows is computed row by row (each row the arithmetic of a one-row matmul, so runs can share
   // one pass over the weights, and verified proposals are decode steps bit for bit): single rows; bf16 panels at
-  // any length (one kernel for all); quantized runs of up to the kernel set's quant_dot_rows (integer dot
+  // any length (one kernel for all); quantized runs of up to the kernel set's limit for their format (integer dot
   // products); float32 and other bf16 runs of up to kGemvRows.
+  int64_t dot_rows(Format f) const { return f == Format::Q8 ? K_.q8_dot_rows : K_.coded_dot_rows; }
   bool per_row(const Weight& w, int64_t n) const {
-    return n == 1 || w.panels || (is_quantized(w.format) && n <= K_.quant_dot_rows) ||
+    return n == 1 || w.panels || (is_quantized(w.format) && n <= dot_rows(w.format)) ||
            ((w.format == Format::F32 || w.format == Format::BF16) && n <= kGemvRows);
   }
 
@@ -339,7 +342,7 @@ class CpuBackend final : public Backend {
     const int64_t T = x.rows;
     const float* b = bias ? bias->ptr<float>() : nullptr;
     // Row by row: a one-row GEMV (bandwidth-bound); quantized runs on integer dot products, the weights read once,
-    // up to the kernel set's quant_dot_rows (kernels_impl.h); bf16 runs of up to kGemvRows (verified proposals,
+    // up to the kernel set's limit for the format (dot_rows); bf16 runs of up to kGemvRows (verified proposals,
     // short prompts, a prompt's last chunk) on the several-input GEMV, the weights read as bf16 instead of widened
     // to float32 tiles first (Zen 3, 1.5B, 2 threads: 4 rows 682 -> 236 ms, 16 rows 1093 -> 628 ms, 32 rows 1454 ->
     // 1075 ms).

@@ -56,9 +56,9 @@ struct CpuKernels {
   void (*dequant_q8)(const uint8_t* block, int lane, int64_t k, float* out);
   void (*dequant_q4)(const uint8_t* block, int lane, int64_t k, float* out);
   void (*dequant_q6)(const uint8_t* block, int lane, int64_t k, float* out);
-  // Quantized runs of up to this many rows take the integer matmuls above; longer ones go as tiles of dequantized
-  // rows where that is faster: float32 through sgemm without VNNI, bf16 through the VDPBF16PS GEMM with AVX512-BF16.
-  int64_t quant_dot_rows;
+  // Quantized runs of up to this many rows take the integer matmuls above (Q8; Q4 and Q6); longer ones go as tiles
+  // of dequantized rows where that is faster: float32 through sgemm without VNNI, bf16 through the VDPBF16PS GEMM.
+  int64_t q8_dot_rows, coded_dot_rows;
 
   // bf16 weights as panels (AVX-512; nullptr elsewhere): every bf16 matmul, any number of rows (bf16_panel_at below
   // is the layout). The sums are float32, each output one lane summed over k's pairs in order, so a row's result

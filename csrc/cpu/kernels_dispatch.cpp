@@ -33,10 +33,11 @@ static const CpuKernels& cpu_kernels_avx512_bf16() {
     t.gemm_bf16_panels = gemm_bf16_panels;
     t.round_rows_bf16 = round_rows_bf16;
     t.gemm_bf16_cols = gemm_bf16_cols;
-    // Quantized runs beyond 64 rows: bf16 tiles through the GEMM (Zen 4, 1.5B, 2 threads, one pass of T prompt
-    // rows, tiles against integers: int4 T=48 82 vs 96 tok/s, T=64 94 vs 94, T=128 110 vs 100, T=512 109 vs 85;
-    // int8 T=96 96 vs 80, T=512 110-124 vs 73).
-    t.quant_dot_rows = 64;
+    // int8 runs beyond 64 rows: bf16 tiles through the GEMM (Zen 4, 1.5B, 2 threads, one pass of T prompt rows,
+    // tiles against integers: int8 T=96 96 vs 80 tok/s, T=512 110-124 vs 73). int4 stays on integers at any length
+    // since its 16-row tiles (kernels_impl.h's coded_tiles; integers against bf16 tiles: T=96 155 vs 102 tok/s,
+    // T=256 177 vs 121, T=512 161 vs 123).
+    t.q8_dot_rows = 64;
     return t;
   }();
   return k;

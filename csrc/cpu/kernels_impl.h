@@ -1695,8 +1695,8 @@ static void gemm_bf16_panels(const void* Xp, int64_t T, int64_t k, const uint16_
 // Integer dot products against float32 tiles through sgemm for long quantized runs: without VNNI the integers are
 // faster up to about 96 rows (Zen 3, int4 1.5B: 29-31 tok/s at any length; widened tiles 24 tok/s at 64 rows, 32 at
 // 128, 37 at 256); with VNNI at every length (Zen 4, 1.5B, 512-token prompt: int4 98 tok/s
-// against 60 on tiles, int8 66 against 57), unless the CPU also has AVX512-BF16 (kernels_dispatch.cpp: bf16 tiles
-// beyond 64 rows).
+// against 60 on tiles, int8 66 against 57), unless the CPU also has AVX512-BF16 (kernels_dispatch.cpp: int8 on bf16
+// tiles beyond 64 rows).
 #if defined(__AVX512VNNI__)
 constexpr int64_t kQuantDotRows = std::numeric_limits<int64_t>::max();
 #else
@@ -1706,7 +1706,7 @@ constexpr int64_t kQuantDotRows = 96;
 static const CpuKernels kKernels = {QWEN_KERNELS_ISA, gemv_f32, gemv_bf16, bf16_to_f32, rmsnorm_row,
                                     silu_mul_row, attend, quantize_row, quantize_x, gemm_q8, gemm_coded<4>,
                                     gemm_coded<6>, dequant_q8, dequant_coded<4>, dequant_coded<6>, kQuantDotRows,
-                                    QWEN_PANEL_KERNELS, nullptr, nullptr};
+                                    kQuantDotRows, QWEN_PANEL_KERNELS, nullptr, nullptr};
 #undef QWEN_PANEL_KERNELS
 
 }  // namespace QWEN_KERNELS_NS
