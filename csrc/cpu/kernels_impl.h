@@ -1285,7 +1285,28 @@ static void gemm_q8(const uint8_t* W, int64_t groups, const int8_t* qx, const fl
   });
 }
 
+// Q4 / Q6: m / (d c) or m / d, the offset's factor (tensor.h).
+template <int kBits>
+constexpr float kCodedOffset = kBits == 4 ? -0.125f : -32.0f;
+
 #if defined(__AVX512VNNI__)
+// The codes of 4 rows (a0..a3) in 4 places, from each place's first 8 bytes h0..h3 (Q4: a0..a3 c0..c3; Q6: a0..a3
+// and levels), as 16 lanes, lane 4j + k: row j's code a in place k (A), and the offset's weight on xsum (C: -a c / 8
+// or -32 a), as gemm_coded's one-row kernel and coded_tiles both scale their sums.
+template <int kBits>
+__attribute__((always_inline)) inline void coded_scales(long long h0, long long h1, long long h2, long long h3,
+                                                        __m512& A, __m512& C) {
+  const __m128i by_row = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // byte 4k+j -> 4j+k
+  const __m128i h01 = _mm_set_epi64x(h1, h0), h23 = _mm_set_epi64x(h3, h2);
+  const __m128i h02 = _mm_unpacklo_epi32(h01, h23), h13 = _mm_unpackhi_epi32(h01, h23);
+  A = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_unpacklo_epi32(h02, h13), by_row)));
+  C = _mm512_mul_ps(A, _mm512_set1_ps(kCodedOffset<kBits>));
+  if constexpr (kBits == 4) {
+    const __m128i zero_points = _mm_shuffle_epi8(_mm_unpackhi_epi32(h02, h13), by_row);
+    C = _mm512_mul_ps(C, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(zero_points)));
+  }
+}
+
 // Q4 / Q6 against several inputs (gemm_coded below: T >= kCodedTileInputs), 16 weight rows (4 blocks) at a time with
 // one output row per 32-bit lane, so that VPDPBUSD sums 4 levels of one row per lane and a group's dot products
 // need no horizontal sums: each block's 4 rows x 4 dwords of levels are transposed in registers into 4 registers,
@@ -1302,11 +1323,9 @@ static void coded_tiles(const uint8_t* W, int64_t groups, const int8_t* qx, cons
   constexpr Format f = kBits == 4 ? Format::Q4 : Format::Q6;
   constexpr int64_t bb = quant_group_bytes(f), head = quant_header_bytes(f), scales = quant_scale_bytes(f);
   constexpr int64_t high_at = scales + kQuantRows * (kG / 2);
-  constexpr float offset = kBits == 4 ? -0.125f : -32.0f;
   constexpr int kChunk = 16;  // inputs per pass over a tile's weights: their chains take 4 KB
   const int64_t block_bytes = head + groups * bb;
   const __m512i low = _mm512_set1_epi8(15), three = _mm512_set1_epi8(3), zero = _mm512_setzero_si512();
-  const __m128i by_row = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // byte 4k+j -> 4j+k
   // Lane 4j + b of the top bits' dword d: row j's dword d of block b, blocks 0-1 in the first source, 2-3 the second.
   const __m512i top_from[2] = {
       _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30),
@@ -1333,18 +1352,8 @@ static void coded_tiles(const uint8_t* W, int64_t groups, const int8_t* qx, cons
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* p[4] = {base[0] + g * bb, base[1] + g * bb, base[2] + g * bb, base[3] + g * bb};
         pf.step();
-        __m512 A, C;  // lane 4j + b: code a of row j of block b, and its offset's weight on xsum (-a c / 8, -32 a)
-        {
-          const __m128i h01 = _mm_set_epi64x(load_u64(p[1]), load_u64(p[0]));
-          const __m128i h23 = _mm_set_epi64x(load_u64(p[3]), load_u64(p[2]));
-          const __m128i h02 = _mm_unpacklo_epi32(h01, h23), h13 = _mm_unpackhi_epi32(h01, h23);
-          A = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_unpacklo_epi32(h02, h13), by_row)));
-          C = _mm512_mul_ps(A, _mm512_set1_ps(offset));
-          if constexpr (kBits == 4) {
-            const __m128i zero_points = _mm_shuffle_epi8(_mm_unpackhi_epi32(h02, h13), by_row);
-            C = _mm512_mul_ps(C, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(zero_points)));
-          }
-        }
+        __m512 A, C;  // lane 4j + b: row j of block b
+        coded_scales<kBits>(load_u64(p[0]), load_u64(p[1]), load_u64(p[2]), load_u64(p[3]), A, C);
         __m512i lo[4], hi[4];  // dword m of every row: levels 4m..4m+3 (lo) and 16+4m.. (hi)
         {
           __m512i L[4];  // block b: 128-bit lane j, row j's 16 bytes
@@ -1416,7 +1425,6 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
   constexpr int64_t bb = quant_group_bytes(f), head = quant_header_bytes(f);
   constexpr int64_t scales = quant_scale_bytes(f);             // the codes' bytes, then the levels'
   constexpr int64_t high_at = scales + kQuantRows * (kG / 2);  // Q6: the rows' top bits, 8 bytes each
-  constexpr float offset = kBits == 4 ? -0.125f : -32.0f;      // m / (d c) or m / d
   // (Inlined into quant_matmul's loop: called once a block of 4 rows, the call cost one-row passes ~8% at k = 1536.)
   auto block_dot = [&](int64_t b, int64_t t, auto n, float (*sums)[kQuantRows]) __attribute__((always_inline)) {
     constexpr int nt = decltype(n)::value;
@@ -1434,7 +1442,6 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
     // one-row int4 from L3: 37 -> 46 GB/s of weights; group by group it took ~27 instructions a 72-byte group).
     constexpr int kQuadLines = int((4 * bb + 63) / 64);
     const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
-    const __m128i by_row = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // byte 4k+j -> 4j+k
     __m512 acc[nt];
     for (auto& a : acc) a = _mm512_setzero_ps();
     // Groups g..g+3; with kTail only the first groups - g exist, the others read as zeros (masked loads).
@@ -1446,19 +1453,9 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
       auto bytes16 = [&](const void* q, int k) {
         return kTail ? _mm_maskz_loadu_epi8(k < valid ? 0xffff : 0, q) : _mm_loadu_si128((const __m128i*)q);
       };
-      __m512 A, C;  // lane 4j + k: row j's code a in group k, and the offset's weight on xsum: -a c / 8 or -32 a
-      {
-        // Each group's first 8 bytes (Q4: a0..a3 c0..c3; Q6: a0..a3 and levels), groups 0-1 and 2-3 in two registers
-        auto first8 = [&](int k) { return !kTail || k < valid ? load_u64(p + k * bb) : 0; };
-        const __m128i h01 = _mm_set_epi64x(first8(1), first8(0)), h23 = _mm_set_epi64x(first8(3), first8(2));
-        const __m128i h02 = _mm_unpacklo_epi32(h01, h23), h13 = _mm_unpackhi_epi32(h01, h23);
-        A = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_unpacklo_epi32(h02, h13), by_row)));
-        C = _mm512_mul_ps(A, _mm512_set1_ps(offset));
-        if constexpr (kBits == 4) {
-          const __m128i zero_points = _mm_shuffle_epi8(_mm_unpackhi_epi32(h02, h13), by_row);
-          C = _mm512_mul_ps(C, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(zero_points)));
-        }
-      }
+      __m512 A, C;  // lane 4j + k: row j in group k (absent groups: zeros)
+      auto first8 = [&](int k) { return !kTail || k < valid ? load_u64(p + k * bb) : 0; };
+      coded_scales<kBits>(first8(0), first8(1), first8(2), first8(3), A, C);
       // As gemm_q8's: the lines of the groups 16 ahead into L1, of those 128 ahead (~9-13 KB) into L2 (the near one
       // alone left one-row int4 passes waiting on memory).
       if (!kTail) prefetch_ahead<kQuadLines, kQuadLines>(p + 16 * bb, p + 128 * bb);
@@ -1562,7 +1559,7 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
         return _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)(uint64_t(g1) << 32 | g0)), lane_order);
       };
       const __m256 A = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(in_order(uint32_t(load_u32(p)), a1)));
-      __m256 C = _mm256_mul_ps(A, _mm256_set1_ps(offset));
+      __m256 C = _mm256_mul_ps(A, _mm256_set1_ps(kCodedOffset<kBits>));
       if constexpr (kBits == 4)
         C = _mm256_mul_ps(C, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(in_order(uint32_t(load_u32(p + 4)), c1))));
       __m256i lo0[2], hi0[2], lo1[2], hi1[2];
@@ -1609,7 +1606,7 @@ static void gemm_coded(const uint8_t* W, int64_t groups, const int8_t* qx, const
           sm[j] += c * xsum[(t + i) * groups + g];
         }
       }
-      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = D[j] * std::fma(sm[j], offset, sd[j]);
+      for (int j = 0; j < kQuantRows; ++j) sums[i][j] = D[j] * std::fma(sm[j], kCodedOffset<kBits>, sd[j]);
     }
 #endif
   };
