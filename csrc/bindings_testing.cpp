@@ -121,9 +121,8 @@ void add_testing_hooks(py::module_& m) {
           return out;
         }, py::arg("q"), py::arg("format"), py::arg("n"), py::arg("k"));
   m.def("isa", [] { return std::string(cpu_kernels().isa); }, "The CPU kernel set in use (chosen from CPUID).");
-  m.def("quant_dot_rows", [](const std::string& format) {
-          return quant_format(format) == Format::Q8 ? cpu_kernels().q8_dot_rows : cpu_kernels().coded_dot_rows;
-        }, py::arg("format"),
+  m.def("quant_dot_rows", [](const std::string& format) { return cpu_kernels().dot_rows(quant_format(format)); },
+        py::arg("format"),
         "The longest run of a quantized format the kernel set in use takes on integer dot products (longer: tiles).");
   m.def("cpu_features", [] {
           const CpuFeatures f = detect_cpu_features();

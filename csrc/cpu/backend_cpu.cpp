@@ -315,9 +315,8 @@ class CpuBackend final : public Backend {
   // one pass over the weights, and verified proposals are decode steps bit for bit): single rows; bf16 panels at
   // any length (one kernel for all); quantized runs of up to the kernel set's limit for their format (integer dot
   // products); float32 and other bf16 runs of up to kGemvRows.
-  int64_t dot_rows(Format f) const { return f == Format::Q8 ? K_.q8_dot_rows : K_.coded_dot_rows; }
   bool per_row(const Weight& w, int64_t n) const {
-    return n == 1 || w.panels || (is_quantized(w.format) && n <= dot_rows(w.format)) ||
+    return n == 1 || w.panels || (is_quantized(w.format) && n <= K_.dot_rows(w.format)) ||
            ((w.format == Format::F32 || w.format == Format::BF16) && n <= kGemvRows);
   }
 
@@ -342,7 +341,7 @@ class CpuBackend final : public Backend {
     const int64_t T = x.rows;
     const float* b = bias ? bias->ptr<float>() : nullptr;
     // Row by row: a one-row GEMV (bandwidth-bound); quantized runs on integer dot products, the weights read once,
-    // up to the kernel set's limit for the format (dot_rows); bf16 runs of up to kGemvRows (verified proposals,
+    // up to the kernel set's limit for the format (K_.dot_rows); bf16 runs of up to kGemvRows (verified proposals,
     // short prompts, a prompt's last chunk) on the several-input GEMV, the weights read as bf16 instead of widened
     // to float32 tiles first (Zen 3, 1.5B, 2 threads: 4 rows 682 -> 236 ms, 16 rows 1093 -> 628 ms, 32 rows 1454 ->
     // 1075 ms).

@@ -59,6 +59,7 @@ struct CpuKernels {
   // Quantized runs of up to this many rows take the integer matmuls above (Q8; Q4 and Q6); longer ones go as tiles
   // of dequantized rows where that is faster: float32 through sgemm without VNNI, bf16 through the VDPBF16PS GEMM.
   int64_t q8_dot_rows, coded_dot_rows;
+  int64_t dot_rows(Format f) const { return f == Format::Q8 ? q8_dot_rows : coded_dot_rows; }
 
   // bf16 weights as panels (AVX-512; nullptr elsewhere): every bf16 matmul, any number of rows (bf16_panel_at below
   // is the layout). The sums are float32, each output one lane summed over k's pairs in order, so a row's result

@@ -1385,8 +1385,7 @@ static void coded_tiles(const uint8_t* W, int64_t groups, const int8_t* qx, cons
         }
         float* const chain0 = &chains[0][g & 3][0];
         for (int i = 0; i < nt; ++i) {
-          const int8_t* x = qx + (t + i) * groups * kG + g * kG;
-          const uint8_t* xb = reinterpret_cast<const uint8_t*>(x);
+          const uint8_t* xb = reinterpret_cast<const uint8_t*>(qx + (t + i) * groups * kG + g * kG);
           __m512i sl = zero, sh = zero;  // two chains of dependent VPDPBUSDs, not one of 8
           for (int m = 0; m < 4; ++m) {
             sl = _mm512_dpbusd_epi32(sl, lo[m], _mm512_set1_epi32(load_u32(xb + 4 * m)));
